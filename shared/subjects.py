@@ -1,0 +1,90 @@
+"""Every NATS subject and queue group, built in one place.
+
+The protocol version is part of every subject (``<prefix>.v1.…``) so that a later, incompatible
+protocol can run beside this one on the same NATS system. The prefix (default ``first``) lets
+several deployments, or several test runs, share one NATS server without seeing each other.
+Nothing outside this module spells a subject.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+PROTOCOL = "v1"
+DEFAULT_PREFIX = "first"
+
+# Queue groups: members of one group share the messages of a subject.
+ROUTERS_QUEUE = "routers"
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def check_token(value: str, what: str) -> str:
+    """A subject token: no dots, wildcards or spaces. Ids that travel in subjects must pass this."""
+    if not _TOKEN.match(value):
+        raise ValueError(f"{what} {value!r} may hold only letters, digits, '_' and '-'")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Subjects:
+    """Subject names under one prefix. ``Subjects("first").infer == "first.v1.infer"``."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        for part in self.prefix.split("."):
+            check_token(part, "subject prefix part")
+
+    @property
+    def root(self) -> str:
+        return f"{self.prefix}.{PROTOCOL}"
+
+    # Client (gateway or NATS-native caller) -> routers, queue group ROUTERS_QUEUE. Request/reply.
+    @property
+    def infer(self) -> str:
+        return f"{self.root}.infer"
+
+    # Router -> one worker. Request/reply: the worker accepts or refuses.
+    def worker_infer(self, worker_id: str) -> str:
+        return f"{self.root}.worker.{check_token(worker_id, 'worker id')}.infer"
+
+    # Anyone -> routers and workers: stop this request wherever it is.
+    @property
+    def cancel(self) -> str:
+        return f"{self.root}.cancel"
+
+    # Worker -> routers, scaler, operators.
+    def heartbeat(self, cluster: str, worker_id: str) -> str:
+        return (
+            f"{self.root}.heartbeat.{check_token(cluster, 'cluster')}.{check_token(worker_id, 'worker id')}"
+        )
+
+    @property
+    def heartbeat_all(self) -> str:
+        return f"{self.root}.heartbeat.>"
+
+    # Router -> scaler, other routers: requests waiting per model.
+    @property
+    def demand(self) -> str:
+        return f"{self.root}.demand"
+
+    # Scaler -> routers, operators: nodes requested, running, failed, stopped.
+    @property
+    def node_events(self) -> str:
+        return f"{self.root}.events.node"
+
+    # Anyone -> routers (queue group): the models and their live status.
+    @property
+    def status(self) -> str:
+        return f"{self.root}.status"
+
+    # Per-caller stream subject: where routers and workers send a request's answer.
+    def reply_stream(self, client_id: str, request_id: str) -> str:
+        return (
+            f"{self.root}.reply.{check_token(client_id, 'client id')}.{check_token(request_id, 'request id')}"
+        )
+
+    def reply_stream_all(self, client_id: str) -> str:
+        return f"{self.root}.reply.{check_token(client_id, 'client id')}.*"
