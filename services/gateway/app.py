@@ -1,0 +1,52 @@
+"""The gateway's app factory: ``create_app(config, nats_url)``, with no side effects at import."""
+
+from __future__ import annotations
+
+import nats
+from aiohttp import web
+
+from services.gateway import handlers, keys
+from services.gateway.auth import auth_middleware
+from services.gateway.middleware import request_middleware
+from shared.client import FirstClient
+from shared.config import Config
+from shared.subjects import Subjects
+
+
+async def _nats_ctx(app: web.Application):
+    config = app[keys.CONFIG]
+    nc = await nats.connect(app[keys.NATS_URL], name="first-gateway", max_reconnect_attempts=-1)
+    client = FirstClient(
+        nc,
+        Subjects(config.nats.subject_prefix),
+        request_timeout_s=config.gateway.request_timeout_s,
+        stall_timeout_s=config.gateway.stall_timeout_s,
+    )
+    await client.start()
+    app[keys.NC], app[keys.CLIENT] = nc, client
+    yield
+    await client.stop()
+    await nc.drain()
+
+
+def create_app(config: Config, nats_url: str) -> web.Application:
+    app = web.Application(
+        middlewares=[request_middleware, auth_middleware], client_max_size=config.gateway.max_body_bytes
+    )
+    app[keys.CONFIG] = config
+    app[keys.NATS_URL] = nats_url
+    app.cleanup_ctx.append(_nats_ctx)
+    app.router.add_post("/v1/chat/completions", handlers.chat_completions)
+    app.router.add_post("/v1/completions", handlers.completions)
+    app.router.add_get("/v1/models", handlers.models)
+    app.router.add_get("/health", handlers.health)
+    return app
+
+
+async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Serve the app; a client that disconnects cancels its handler (and so its request)."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner

@@ -1,0 +1,101 @@
+"""The HTTP handlers: thin, they check the request, hand it to the NATS client and shape the answer."""
+
+from __future__ import annotations
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from services.gateway import keys
+from services.gateway.middleware import REQUEST_ID_HEADER, json_response
+from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, ResponseShape, parse_request
+from services.gateway.sse import ChunkFramer, error_events
+from shared import errors, schema
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _infer(request, "chat", ChatCompletionRequest)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _infer(request, "completion", CompletionRequest)
+
+
+async def _infer(
+    request: web.Request, endpoint: schema.Endpoint, kind: type[msgspec.Struct]
+) -> web.StreamResponse:
+    raw = await request.read()
+    req = parse_request(raw, kind)
+    request["model"] = req.model
+    config = request.app[keys.CONFIG]
+    if config.model(req.model) is None:
+        known = ", ".join(m.id for m in config.models) or "none"
+        raise errors.ModelNotFound(
+            f"The model '{req.model}' does not exist (served here: {known}).", param="model"
+        )
+    client = request.app[keys.CLIENT]
+    request_id = request["request_id"]
+    shape = ResponseShape(endpoint, request_id, req.model, include_usage=req.include_usage)
+    if not req.stream:
+        result = await client.complete(req.model, endpoint, raw, request_id=request_id)
+        return json_response(shape.completion(result), headers={REQUEST_ID_HEADER: request_id})
+
+    response: web.StreamResponse | None = None
+    framer = ChunkFramer(shape)
+    async with client.open(req.model, endpoint, raw, request_id=request_id) as answer:
+        try:
+            async for chunk in answer:
+                if response is None:
+                    # Headers go out with the first tokens, so queueing and engine errors that
+                    # come earlier still get their own HTTP status.
+                    response = web.StreamResponse(
+                        headers={
+                            "Content-Type": "text/event-stream",
+                            "Cache-Control": "no-cache",
+                            REQUEST_ID_HEADER: request_id,
+                        }
+                    )
+                    await response.prepare(request)
+                await response.write(framer.frame(chunk))
+        except errors.FirstError as exc:
+            if response is None:
+                raise
+            await response.write(error_events(exc))
+        except ConnectionResetError:
+            # The client went away mid-stream; leaving the block cancels the request on the worker.
+            structlog.get_logger().info("client_disconnected")
+            return response
+    if response is None:
+        raise errors.EngineError("the answer ended before it began")
+    await response.write_eof()
+    return response
+
+
+async def models(request: web.Request) -> web.Response:
+    config = request.app[keys.CONFIG]
+    try:
+        live = {m.id: m for m in (await request.app[keys.CLIENT].status()).models}
+    except errors.FirstError:
+        live = {}  # no router: the models are still listed, all offline
+    data = []
+    for model in config.models:
+        status = live.get(model.id)
+        data.append(
+            {
+                "id": model.id,
+                "object": "model",
+                "created": 0,
+                "owned_by": "first",
+                "status": status.state if status else "offline",
+                "clusters": config.clusters_for(model),
+                "queued": status.queued if status else 0,
+                "workers": len(status.workers) if status else 0,
+            }
+        )
+    return json_response({"object": "list", "data": data})
+
+
+async def health(request: web.Request) -> web.Response:
+    nc = request.app[keys.NC]
+    ok = nc.is_connected
+    return json_response({"status": "ok" if ok else "degraded", "nats": ok}, status=200 if ok else 503)

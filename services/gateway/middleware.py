@@ -1,0 +1,79 @@
+"""Request ids, one log line per request, and every error as OpenAI's envelope."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import orjson
+import structlog
+from aiohttp import web
+from structlog.contextvars import bound_contextvars
+
+from services.gateway.protocol import error_body
+from shared import errors
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REQUEST_ID_HEADER = "X-Request-Id"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+# aiohttp's own HTTP errors (unknown path, wrong method, body too large) in our envelope.
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+def json_response(body: dict, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(exc: errors.FirstError) -> web.Response:
+    headers = {}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return json_response(error_body(exc), exc.status, headers)
+
+
+def _from_http(exc: web.HTTPException) -> errors.FirstError:
+    err = errors.FirstError(exc.reason if exc.status != 404 else "Not found: no such path.")
+    err.status = exc.status
+    err.code = _HTTP_CODES.get(exc.status, f"http_{exc.status}")
+    err.type = "invalid_request_error" if exc.status < 500 else "server_error"
+    if exc.status == 413:
+        err.message = f"The request body is too large: {exc.text.rstrip('.')}."
+    return err
+
+
+@web.middleware
+async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
+    request["request_id"] = request_id
+    log = structlog.get_logger()
+    started = time.monotonic()
+    with bound_contextvars(request_id=request_id):
+        try:
+            response = await handler(request)
+        except errors.FirstError as exc:
+            response = error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = error_response(_from_http(exc))
+        except Exception:
+            log.exception("unhandled_error", path=request.path)
+            response = error_response(errors.FirstError("Internal error; it has been logged."))
+        if not response.prepared:
+            response.headers[REQUEST_ID_HEADER] = request_id
+        log.info(
+            "http_request",
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            model=request.get("model"),
+            seconds=round(time.monotonic() - started, 4),
+        )
+        return response

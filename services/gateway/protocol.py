@@ -1,0 +1,163 @@
+"""The OpenAI surface: request shapes we check, and the exact response shapes we send.
+
+Lenient in: unknown request fields are accepted and travel to the engine untouched (the worker
+receives the client's body as sent). These Structs only check what the gateway must rely on.
+Exact out: responses and stream chunks are built here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Annotated, Any
+
+import msgspec
+
+from shared import errors, schema
+from shared.client import Completion
+
+PosInt = Annotated[int, msgspec.Meta(ge=1)]
+Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
+Unit = Annotated[float, msgspec.Meta(ge=0, le=1)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class _Sampling(msgspec.Struct, kw_only=True):
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: PosInt | None = None
+    temperature: Temperature | None = None
+    top_p: Unit | None = None
+    n: PosInt | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    user: str | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatMessage(msgspec.Struct):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_Sampling, kw_only=True):
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    max_completion_tokens: PosInt | None = None
+
+
+class CompletionRequest(_Sampling, kw_only=True):
+    prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
+    echo: bool = False
+
+
+_PATH = re.compile(r"at `\$\.?(.*)`$")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+
+
+def parse_request(raw: bytes, kind: type[msgspec.Struct]) -> Any:
+    """Decode and check a request body, or raise BadRequest naming the offending field."""
+    if not raw.strip():
+        raise errors.BadRequest("The request body is empty; send a JSON object.")
+    try:
+        request = msgspec.json.decode(raw, type=kind)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        m = _PATH.search(text) or _MISSING.search(text)
+        raise errors.BadRequest(text, param=m.group(1) if m else None) from None
+    except msgspec.DecodeError as exc:
+        raise errors.BadRequest(f"The request body is not valid JSON: {exc}") from None
+    if request.n not in (None, 1):
+        raise errors.BadRequest("Only n=1 is supported.", param="n")
+    if isinstance(request, CompletionRequest) and request.echo:
+        raise errors.BadRequest("echo is not supported.", param="echo")
+    return request
+
+
+def error_body(exc: errors.FirstError) -> dict:
+    return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+
+
+def _usage(u: schema.Usage) -> dict:
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    }
+
+
+class ResponseShape:
+    """Builds one request's OpenAI objects: ids, timestamps and the model name stay the same throughout."""
+
+    def __init__(self, endpoint: schema.Endpoint, request_id: str, model: str, include_usage: bool = False):
+        self.endpoint = endpoint
+        self.id = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + request_id
+        self.model = model
+        self.created = int(time.time())
+        self.include_usage = include_usage
+        self._chunk_object = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
+
+    def completion(self, result: Completion) -> dict:
+        choices = []
+        for index in sorted(result.texts.keys() | result.finish_reasons.keys()) or [0]:
+            text, finish = result.texts.get(index, ""), result.finish_reasons.get(index, "stop")
+            if self.endpoint == "chat":
+                choice = {
+                    "index": index,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+            else:
+                choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+            choices.append(choice)
+        return {
+            "id": self.id,
+            "object": "chat.completion" if self.endpoint == "chat" else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": _usage(result.usage),
+        }
+
+    def chunk(
+        self, index: int, *, text: str | None = None, finish: str | None = None, role: bool = False
+    ) -> dict:
+        if self.endpoint == "chat":
+            delta: dict[str, Any] = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        out = {
+            "id": self.id,
+            "object": self._chunk_object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
+        if self.include_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, usage: schema.Usage) -> dict:
+        return {
+            "id": self.id,
+            "object": self._chunk_object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": _usage(usage),
+        }

@@ -1,0 +1,54 @@
+"""Server-sent events exactly as OpenAI sends them: ``data: {json}`` events, then ``data: [DONE]``."""
+
+from __future__ import annotations
+
+import orjson
+
+from services.gateway.protocol import ResponseShape, error_body
+from shared import errors, schema
+
+DONE = b"data: [DONE]\n\n"
+
+
+def event(obj: dict) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def error_events(exc: errors.FirstError) -> bytes:
+    """A failure after the stream began: an error event, then [DONE], so clients stop cleanly."""
+    return event(error_body(exc)) + DONE
+
+
+class ChunkFramer:
+    """Turns one request's wire Chunks into SSE bytes: the role first, one finish_reason per choice,
+    the usage chunk (when asked for) last. Packed chunks become several events in one write."""
+
+    def __init__(self, shape: ResponseShape):
+        self.shape = shape
+        self._opened: set[int] = set()
+        self._finished: set[int] = set()
+
+    def _open(self, index: int, out: list[bytes]) -> None:
+        if index not in self._opened:
+            self._opened.add(index)
+            if self.shape.endpoint == "chat":
+                out.append(event(self.shape.chunk(index, text="", role=True)))
+
+    def frame(self, chunk: schema.Chunk) -> bytes:
+        out: list[bytes] = []
+        for d in chunk.deltas:
+            self._open(d.index, out)
+            if d.text:
+                out.append(event(self.shape.chunk(d.index, text=d.text)))
+            if d.finish_reason and d.index not in self._finished:
+                self._finished.add(d.index)
+                out.append(event(self.shape.chunk(d.index, finish=d.finish_reason)))
+        if chunk.done:
+            self._open(0, out)
+            for index in sorted(self._opened - self._finished):
+                self._finished.add(index)
+                out.append(event(self.shape.chunk(index, finish="stop")))
+            if self.shape.include_usage:
+                out.append(event(self.shape.usage_chunk(chunk.usage or schema.Usage())))
+            out.append(DONE)
+        return b"".join(out)

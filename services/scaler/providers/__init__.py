@@ -1,0 +1,1 @@
+"""Node providers: where worker nodes come from (local processes now; Slurm, PBS, Globus Compute next)."""

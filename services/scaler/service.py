@@ -1,0 +1,227 @@
+"""The scaler service: every tick, compare each model's demand with its nodes and act through providers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass
+
+import msgspec
+import nats.errors
+import structlog
+from nats.aio.client import Client as NATS
+
+from services.scaler.policy import ModelView, WorkerLoad, decide
+from services.scaler.providers.base import NodeProvider, NodeSpec
+from shared import config as cfg
+from shared import schema
+from shared.book import DemandBook, WorkerBook
+from shared.subjects import Subjects
+
+_MAX_BACKOFF_S = 60.0
+
+
+@dataclass
+class NodeRecord:
+    spec: NodeSpec
+    provider: NodeProvider
+    state: schema.NodeState
+    requested_at: float
+    reason: str = ""
+
+
+class Scaler:
+    def __init__(
+        self,
+        nc: NATS,
+        subjects: Subjects,
+        config: cfg.Config,
+        providers: dict[str, NodeProvider],  # cluster name -> provider
+    ):
+        self.nc, self.subjects, self.config = nc, subjects, config
+        self.settings = config.scaler
+        self.providers = providers
+        self.workers = WorkerBook(config.router.missed_heartbeats)
+        self.demand = DemandBook()
+        self.nodes: dict[str, NodeRecord] = {}
+        self._failures: dict[str, int] = {}  # model -> failed starts in a row
+        self._not_before: dict[str, float] = {}  # model -> no new start before this (backoff)
+        self._subs: list = []
+        self._task: asyncio.Task | None = None
+        self._log = structlog.get_logger()
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        self._subs += [
+            await self.nc.subscribe(self.subjects.heartbeat_all, cb=self._on_heartbeat),
+            await self.nc.subscribe(self.subjects.demand, cb=self._on_demand),
+        ]
+        self._task = asyncio.create_task(self._run(), name="scaler")
+        self._log.info("scaler_started", clusters=list(self.providers))
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        task, self._task = self._task, None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for sub in self._subs:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        self._subs.clear()
+        for provider in set(self.providers.values()):
+            await provider.close()
+        await self._poll_providers()
+        self._log.info("scaler_stopped")
+
+    async def __aenter__(self) -> Scaler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    async def _on_heartbeat(self, msg) -> None:
+        with contextlib.suppress(msgspec.DecodeError):
+            beat = schema.heartbeat_decoder.decode(msg.data)
+            self.workers.observe(beat)
+            if beat.state == "ready":
+                self._failures.pop(beat.model, None)
+
+    async def _on_demand(self, msg) -> None:
+        with contextlib.suppress(msgspec.DecodeError):
+            self.demand.observe(schema.demand_decoder.decode(msg.data))
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:
+                self._log.exception("scaler_tick_failed")
+            await asyncio.sleep(self.settings.tick_s)
+
+    async def tick(self) -> None:
+        await self._poll_providers()
+        self._fail_slow_starts()
+        for model in self.config.models:
+            await self._scale(model)
+
+    async def _poll_providers(self) -> None:
+        for provider in set(self.providers.values()):
+            for node_id, (state, reason) in (await provider.poll()).items():
+                record = self.nodes.get(node_id)
+                if record is None or record.state == state:
+                    continue
+                record.state, record.reason = state, reason
+                if state == "failed":
+                    self._start_failed(record.spec.model)
+                if state in ("failed", "stopped"):
+                    del self.nodes[node_id]
+                await self._event(record)
+
+    def _fail_slow_starts(self) -> None:
+        now = time.monotonic()
+        for record in self.nodes.values():
+            waiting = now - record.requested_at
+            if record.state in ("requested", "running") and self.workers.get(record.spec.node_id) is None:
+                if waiting > self.settings.start_timeout_s:
+                    self._log.warning(
+                        "node_start_timeout", node_id=record.spec.node_id, waited_s=round(waiting)
+                    )
+                    record.reason = f"no heartbeat within {self.settings.start_timeout_s:g} s"
+                    self._start_failed(record.spec.model)
+                    asyncio.get_running_loop().create_task(record.provider.stop_node(record.spec.node_id))
+
+    def _start_failed(self, model: str) -> None:
+        n = self._failures[model] = self._failures.get(model, 0) + 1
+        self._not_before[model] = time.monotonic() + min(_MAX_BACKOFF_S, 2.0 ** (n - 1))
+
+    def view(self, model: cfg.ModelConfig) -> ModelView:
+        workers = self.workers.workers(model.id)
+        ours = {r.spec.node_id for r in self.nodes.values()}
+        seen = {e.worker_id for e in workers}
+        pending = sum(
+            1
+            for r in self.nodes.values()
+            if r.spec.model == model.id and r.state in ("requested", "running") and r.spec.node_id not in seen
+        )
+        return ModelView(
+            queued=self.demand.queued(model.id),
+            workers=[
+                WorkerLoad(
+                    e.worker_id,
+                    e.beat.node_id if e.beat.node_id in ours else "",
+                    e.beat.state,
+                    e.beat.in_flight,
+                    e.beat.idle_s,
+                )
+                for e in workers
+            ],
+            pending_nodes=pending,
+        )
+
+    async def _scale(self, model: cfg.ModelConfig) -> None:
+        decision = decide(model.scaling, model.capacity, self.view(model))
+        for node_id in decision.stop:
+            record = self.nodes[node_id]
+            record.state = "stopping"
+            self._log.info("node_release", node_id=node_id, model=model.id, reason="idle")
+            await record.provider.stop_node(node_id)
+            await self._event(record)
+        if decision.start and time.monotonic() >= self._not_before.get(model.id, 0.0):
+            for _ in range(decision.start):
+                if not await self._start_node(model):
+                    break
+
+    async def _start_node(self, model: cfg.ModelConfig) -> bool:
+        cluster = self._pick_cluster(model)
+        if cluster is None:
+            return False
+        node_id = f"{cluster}-n{uuid.uuid4().hex[:8]}"
+        spec = NodeSpec(node_id=node_id, model=model.id, cluster=cluster)
+        provider = self.providers[cluster]
+        record = NodeRecord(spec, provider, "requested", time.monotonic())
+        self.nodes[node_id] = record
+        self._log.info(
+            "node_request", node_id=node_id, model=model.id, cluster=cluster, provider=provider.name
+        )
+        try:
+            await provider.start_node(spec)
+        except Exception as exc:
+            self._log.exception("node_request_failed", node_id=node_id)
+            record.state, record.reason = "failed", str(exc)
+            del self.nodes[node_id]
+            self._start_failed(model.id)
+            await self._event(record)
+            return False
+        await self._event(record)
+        return True
+
+    def _pick_cluster(self, model: cfg.ModelConfig) -> str | None:
+        """The model's cluster with a provider and room, fewest of our nodes first."""
+        best, best_count = None, 0
+        for name in self.config.clusters_for(model):
+            cluster = self.config.cluster(name)
+            if cluster is None or name not in self.providers:
+                continue
+            count = sum(1 for r in self.nodes.values() if r.spec.cluster == name)
+            if count < cluster.max_nodes and (best is None or count < best_count):
+                best, best_count = name, count
+        return best
+
+    async def _event(self, record: NodeRecord) -> None:
+        event = schema.NodeEvent(
+            node_id=record.spec.node_id,
+            cluster=record.spec.cluster,
+            model=record.spec.model,
+            provider=record.provider.name,
+            state=record.state,
+            reason=record.reason,
+            sent=time.time(),
+        )
+        with contextlib.suppress(nats.errors.Error):
+            await self.nc.publish(self.subjects.node_events, schema.encode(event))

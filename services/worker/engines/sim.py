@@ -1,0 +1,97 @@
+"""The simulator: an in-process engine for tests and benchmarks.
+
+It behaves like a serving engine where it matters to the stack: a time to first token, a time
+between tokens, a concurrency limit with queueing beyond it, and exact token counts. Its text is
+deterministic: the same prompt and seed give the same words. One token is one word of its
+vocabulary; a prompt counts one token per whitespace-separated word.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+from services.worker.engines.base import Engine, Event, max_tokens, prompt_text
+from shared import config as cfg
+from shared import schema
+
+VOCABULARY = (
+    "the cluster answers every request with tokens streamed over nats from a node that woke up "
+    "when the queue grew and sleeps again once the researchers go home for the night"
+).split()
+
+
+def simulated_words(prompt: str, seed: int | None, n: int) -> list[str]:
+    digest = hashlib.blake2b(f"{seed}|{prompt}".encode(), digest_size=8).digest()
+    rng = random.Random(int.from_bytes(digest, "big"))
+    return [rng.choice(VOCABULARY) for _ in range(n)]
+
+
+def natural_length(prompt: str, seed: int | None) -> int:
+    """Where the simulated answer would stop by itself (8 to 31 tokens)."""
+    digest = hashlib.blake2b(f"len|{seed}|{prompt}".encode(), digest_size=2).digest()
+    return 8 + int.from_bytes(digest, "big") % 24
+
+
+class SimulatedEngine(Engine):
+    name = "sim"
+
+    def __init__(self, settings: cfg.SimEngine):
+        self.settings = settings
+        self._slots = asyncio.Semaphore(settings.max_concurrency)
+        self._running = 0
+        self._waiting = 0
+
+    async def start(self) -> None:
+        if self.settings.load_s:
+            await asyncio.sleep(self.settings.load_s)
+
+    async def stop(self) -> None:
+        pass
+
+    async def load(self) -> schema.EngineLoad:
+        return schema.EngineLoad(running=self._running, waiting=self._waiting)
+
+    async def generate(self, endpoint: schema.Endpoint, body: dict[str, Any]) -> AsyncIterator[Event]:
+        s = self.settings
+        prompt = prompt_text(endpoint, body)
+        seed = body.get("seed") if isinstance(body.get("seed"), int) else None
+        limit = max_tokens(body, s.default_max_tokens)
+        natural = natural_length(prompt, seed)
+        n = min(limit, natural)
+        words = simulated_words(prompt, seed, n)
+        stops = body.get("stop") or []
+        stops = [stops] if isinstance(stops, str) else stops
+        finish = "length" if limit < natural else "stop"
+
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        self._running += 1
+        try:
+            await asyncio.sleep(s.ttft_ms / 1000)
+            produced = 0
+            for i, word in enumerate(words):
+                if word in stops:
+                    finish = "stop"
+                    break
+                if i:
+                    await asyncio.sleep(s.itl_ms / 1000)
+                produced += 1
+                last = produced == n
+                yield schema.Delta(
+                    text=word if i == 0 else " " + word, finish_reason=finish if last else None
+                )
+            else:
+                finish = None  # already sent with the last token
+            if finish is not None:
+                yield schema.Delta(text="", finish_reason=finish)
+            yield schema.Usage(prompt_tokens=max(1, len(prompt.split())), completion_tokens=produced)
+        finally:
+            self._running -= 1
+            self._slots.release()
