@@ -79,10 +79,10 @@ class ServerProcess:
             env=self.env,
             start_new_session=True,  # a Ctrl-C on the terminal reaches the worker, which stops this
         )
-        self._drain = asyncio.create_task(self._read_output(), name="engine-output")
+        self._drain = asyncio.create_task(self._read_output(self.proc), name="engine-output")
 
-    async def _read_output(self) -> None:
-        while line := await self.proc.stdout.readline():
+    async def _read_output(self, proc: asyncio.subprocess.Process) -> None:
+        while line := await proc.stdout.readline():
             text = line.decode(errors="replace").rstrip()
             self.tail.append(text)
             self._log.debug("engine_output", line=text)
@@ -204,8 +204,16 @@ class OpenAIServerEngine(Engine):
             raise errors.EngineTimeout(f"engine sent nothing for {self.read_timeout_s:g} s") from None
         except aiohttp.ClientError as exc:
             raise errors.EngineError(f"engine connection failed: {exc}") from None
-        # Servers that ignore stream_options still get counted: one streamed delta is one token.
-        yield usage or schema.Usage(completion_tokens=completion_deltas)
+        if usage is None:
+            # The server ignores stream_options: one streamed delta is one token, and the prompt
+            # is counted by the engine's own tokenizer where this class knows it.
+            prompt = await self.count_prompt_tokens(endpoint, body)
+            usage = schema.Usage(prompt_tokens=prompt, completion_tokens=completion_deltas)
+        yield usage
+
+    async def count_prompt_tokens(self, endpoint: schema.Endpoint, body: dict[str, Any]) -> int:
+        """The prompt's token count, for servers whose streams carry no usage. 0: unknown."""
+        return 0
 
 
 async def _sse_data(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
