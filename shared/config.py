@@ -119,6 +119,7 @@ class ModelConfig(_Cfg):
     engine: EngineConfig
     clusters: list[str] = msgspec.field(default_factory=list)  # empty: every cluster
     capacity: PosInt = 4  # concurrent requests per worker
+    queue_timeout_s: NonNegFloat = 0.0  # 0: router.queue_timeout_s; a slow-loading model may need longer
     scaling: ScalingPolicy = msgspec.field(default_factory=ScalingPolicy)
 
 

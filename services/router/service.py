@@ -113,7 +113,8 @@ class Router:
                 await msg.respond(schema.encode(err.to_wire(request.request_id)))
                 return
             now = time.monotonic()
-            timeout = request.queue_timeout_s or self.settings.queue_timeout_s
+            model = self.config.model(request.model)
+            timeout = request.queue_timeout_s or model.queue_timeout_s or self.settings.queue_timeout_s
             cold = len(queue) > 0 or self.registry.pick(request.model) is None
             position = queue.push(Held(request, msg.data, now, now + timeout))
             await msg.respond(

@@ -188,6 +188,8 @@ class Worker:
         task = asyncio.create_task(self._serve(request), name=f"request-{request.request_id}")
         self._tasks[request.request_id] = task
         task.add_done_callback(lambda _t, rid=request.request_id: self._request_done(rid))
+        if self.in_flight >= self.model.capacity:
+            self._beat_now.set()  # full: routers should stop sending here before the next beat
         await msg.respond(schema.encode(schema.DispatchReply(True)))
 
     def _request_done(self, request_id: str) -> None:
