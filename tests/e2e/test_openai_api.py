@@ -1,0 +1,114 @@
+"""The HTTP API through the official openai SDK and raw HTTP, against ``first up`` with simulated engines."""
+
+from __future__ import annotations
+
+import aiohttp
+import openai
+import pytest
+
+MESSAGES = [{"role": "user", "content": "tell me about the cluster"}]
+
+
+async def test_streamed_chat_matches_the_whole_answer(oai):
+    whole = await oai.chat.completions.create(model="sim/hot", messages=MESSAGES, seed=7)
+    stream = await oai.chat.completions.create(
+        model="sim/hot", messages=MESSAGES, seed=7, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [c async for c in stream]
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert content == whole.choices[0].message.content and content
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage == whole.usage
+    assert whole.usage.prompt_tokens == 5  # the simulator counts words
+    assert whole.usage.completion_tokens == len(content.split())
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+
+
+async def test_completions_streamed_and_not(oai):
+    whole = await oai.completions.create(model="sim/hot", prompt="once upon a time", max_tokens=6, seed=2)
+    assert whole.object == "text_completion"
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage.completion_tokens == 6 and len(whole.choices[0].text.split()) == 6
+    stream = await oai.completions.create(
+        model="sim/hot", prompt="once upon a time", max_tokens=6, seed=2, stream=True
+    )
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["length"]
+
+
+async def test_models_list_their_live_status_and_clusters(oai):
+    models = {m.id: m.model_extra for m in (await oai.models.list()).data}
+    assert models["sim/hot"]["status"] == "live"
+    assert models["sim/hot"]["clusters"] == ["polaris", "sophia"]
+    assert models["sim/cold"]["clusters"] == ["sophia"]
+    assert models["sim/never"]["status"] in ("offline", "starting", "queued")
+
+
+async def test_unknown_model_is_404_in_openai_shape(oai):
+    with pytest.raises(openai.NotFoundError) as info:
+        await oai.chat.completions.create(model="no/such-model", messages=MESSAGES)
+    error = info.value.body
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "no/such-model" in error["message"]
+
+
+async def test_ill_typed_field_is_400_naming_it(oai):
+    with pytest.raises(openai.BadRequestError) as info:
+        await oai.chat.completions.create(model="sim/hot", messages=MESSAGES, temperature="hot")
+    assert info.value.body["param"] == "temperature"
+    assert info.value.body["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "code"),
+    [
+        ("POST", "/v1/chat/completions", b'{"model": "sim/hot", "messages": [', 400, "invalid_request"),
+        ("POST", "/v1/chat/completions", b'{"messages": []}', 400, "invalid_request"),
+        ("POST", "/v1/embeddings/nothing", b"{}", 404, "not_found"),
+        ("GET", "/v1/chat/completions", None, 405, "method_not_allowed"),
+        ("POST", "/v1/chat/completions", b"x" * 3_000_000, 413, "payload_too_large"),
+    ],
+)
+async def test_bad_requests_get_openai_errors(sim_stack, method, path, body, status, code):
+    async with (
+        aiohttp.ClientSession() as http,
+        http.request(method, sim_stack.base_url + path, data=body) as r,
+    ):
+        payload = await r.json()
+    assert r.status == status
+    assert set(payload["error"]) == {"message", "type", "param", "code"}
+    assert payload["error"]["code"] == code
+
+
+async def test_body_over_the_nats_payload_limit_is_413_not_a_timeout(oai):
+    big = "word " * 300_000  # 1.5 MB: under the HTTP limit, over nats-server's 1 MiB max_payload
+    with pytest.raises(openai.APIStatusError) as info:
+        await oai.chat.completions.create(model="sim/hot", messages=[{"role": "user", "content": big}])
+    assert info.value.status_code == 413
+    assert "NATS" in info.value.body["message"]
+
+
+async def test_no_capacity_in_time_is_503_with_retry_after(sim_stack):
+    body = {"model": "sim/never", "messages": MESSAGES}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(sim_stack.base_url + "/v1/chat/completions", json=body) as r:
+            payload = await r.json()
+    assert r.status == 503
+    assert r.headers["Retry-After"] == "3"
+    assert payload["error"]["code"] == "no_capacity"
+
+
+async def test_stalled_engine_is_504(oai):
+    with pytest.raises(openai.APIStatusError) as info:
+        await oai.chat.completions.create(model="sim/stall", messages=MESSAGES)
+    assert info.value.status_code == 504
+    assert info.value.body["code"] == "engine_timeout"
+
+
+async def test_health(sim_stack):
+    async with aiohttp.ClientSession() as http, http.get(sim_stack.base_url + "/health") as r:
+        assert r.status == 200 and (await r.json())["nats"] is True

@@ -1,0 +1,61 @@
+"""Services in this process against the session's real nats-server: routers, workers, the NATS client."""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgspec
+import nats
+import pytest
+
+from services.router.service import Router
+from services.worker.engines.sim import SimulatedEngine
+from services.worker.service import Worker
+from shared import config as cfg
+from shared.client import FirstClient
+
+
+def make_config(models: list[dict], **sections) -> cfg.Config:
+    """A config as a user would write it: two clusters, the given models (sim engines by default)."""
+    for m in models:
+        m.setdefault("engine", {"kind": "sim", "ttft_ms": 1, "itl_ms": 1})
+    raw = {"clusters": [{"name": "a"}, {"name": "b"}], "models": models, **sections}
+    raw.setdefault("worker", {"heartbeat_s": 0.2})
+    config = msgspec.convert(raw, cfg.Config)
+    cfg.validate(config)
+    return config
+
+
+class Services:
+    """Starts routers and workers on demand; stops all of them at the end of the test."""
+
+    def __init__(self, nats_url, subjects, stack: contextlib.AsyncExitStack):
+        self.nats_url, self.subjects, self.stack = nats_url, subjects, stack
+
+    async def connect(self):
+        nc = await nats.connect(self.nats_url)
+        self.stack.push_async_callback(nc.close)
+        return nc
+
+    async def router(self, config: cfg.Config) -> Router:
+        router = Router(await self.connect(), self.subjects, config)
+        await self.stack.enter_async_context(router)
+        return router
+
+    async def worker(self, config: cfg.Config, model: str, cluster: str = "a", **kw) -> Worker:
+        model_cfg = config.model(model)
+        engine = SimulatedEngine(model_cfg.engine)
+        worker = Worker(await self.connect(), self.subjects, config.worker, model_cfg, cluster, engine, **kw)
+        await self.stack.enter_async_context(worker)
+        return worker
+
+    async def client(self, **kw) -> FirstClient:
+        client = FirstClient(await self.connect(), self.subjects, **kw)
+        await self.stack.enter_async_context(client)
+        return client
+
+
+@pytest.fixture
+async def services(nats_url, subjects):
+    async with contextlib.AsyncExitStack() as stack:
+        yield Services(nats_url, subjects, stack)
