@@ -167,7 +167,8 @@ def load_config(path: str | Path) -> Config:
 
 def validate(config: Config) -> None:
     """Checks that span fields, which msgspec's per-field constraints cannot express."""
-    check_token(config.nats.subject_prefix.replace(".", "_"), "$.nats.subject_prefix")
+    for part in config.nats.subject_prefix.split("."):
+        check_token(part, "$.nats.subject_prefix part")
     names = [c.name for c in config.clusters]
     for i, name in enumerate(names):
         check_token(name, f"$.clusters[{i}].name")

@@ -17,12 +17,12 @@ DEFAULT_PREFIX = "first"
 # Queue groups: members of one group share the messages of a subject.
 ROUTERS_QUEUE = "routers"
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def check_token(value: str, what: str) -> str:
     """A subject token: no dots, wildcards or spaces. Ids that travel in subjects must pass this."""
-    if not _TOKEN.match(value):
+    if not _TOKEN.fullmatch(value):
         raise ValueError(f"{what} {value!r} may hold only letters, digits, '_' and '-'")
     return value
 
