@@ -1,0 +1,185 @@
+"""Wire messages: msgpack round trips, tagged unions, and tolerance of older and newer senders."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from shared import schema
+
+REQUEST = schema.InferRequest(
+    request_id="r1",
+    model="m",
+    endpoint="chat",
+    body=b'{"messages": [{"role": "user", "content": "h\xc3\xa9"}]}\x00\xff',
+    reply_to="first.v1.reply.c.r1",
+    created=1700000000.5,
+    queue_timeout_s=12.0,
+)
+
+MESSAGES = [
+    (REQUEST, schema.infer_decoder),
+    (schema.Cancel(request_id="r1", reason="timeout"), schema.cancel_decoder),
+    (schema.DispatchReply(accepted=False, reason="full"), schema.dispatch_reply_decoder),
+    (
+        schema.Heartbeat(
+            worker_id="w1",
+            cluster="polaris",
+            model="m",
+            state="ready",
+            capacity=4,
+            in_flight=2,
+            interval_s=2.0,
+            idle_s=0.5,
+            engine=schema.EngineLoad(running=2, waiting=1, kv_cache_usage=0.25),
+            node_id="n1",
+            sent=123.0,
+        ),
+        schema.heartbeat_decoder,
+    ),
+    (schema.Demand(router_id="rt", model="m", queued=3, oldest_wait_s=1.5), schema.demand_decoder),
+    (
+        schema.NodeEvent(node_id="n1", cluster="c", model="m", provider="local", state="failed", reason="x"),
+        schema.node_event_decoder,
+    ),
+    (schema.StatusRequest(), schema.status_request_decoder),
+    (
+        schema.StatusReply(
+            router_id="rt",
+            models=[
+                schema.ModelStatus(
+                    id="m",
+                    state="live",
+                    clusters=["a", "b"],
+                    queued=1,
+                    nodes_starting=1,
+                    workers=[schema.WorkerInfo("w1", "a", "ready", 4, 1)],
+                )
+            ],
+        ),
+        schema.status_reply_decoder,
+    ),
+]
+
+
+@pytest.mark.parametrize(("msg", "decoder"), MESSAGES, ids=lambda v: type(v).__name__)
+def test_every_message_round_trips_through_its_decoder(msg, decoder):
+    assert decoder.decode(schema.encode(msg)) == msg
+
+
+def test_request_body_bytes_travel_unchanged():
+    assert schema.infer_decoder.decode(schema.encode(REQUEST)).body == REQUEST.body
+
+
+STREAM = [
+    schema.Started(request_id="r", worker_id="w", cluster="c"),
+    schema.Chunk(
+        request_id="r",
+        seq=3,
+        deltas=[schema.Delta(text="Hel"), schema.Delta(text="lo", index=0, finish_reason="stop")],
+        usage=schema.Usage(prompt_tokens=5, completion_tokens=2),
+        done=True,
+    ),
+    schema.Chunk(request_id="r", seq=0),
+    schema.Error(request_id="r", code="no_capacity", message="busy", status=503, retry_after_s=5.0),
+]
+
+
+@pytest.mark.parametrize("msg", STREAM, ids=lambda v: type(v).__name__)
+def test_stream_decoder_returns_the_class_that_was_sent(msg):
+    decoded = schema.stream_decoder.decode(schema.encode(msg))
+    assert type(decoded) is type(msg)
+    assert decoded == msg
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [schema.Accepted(request_id="r", router_id="rt", queued=2), schema.Error("r", "bad", "no", 400, "n")],
+    ids=lambda v: type(v).__name__,
+)
+def test_router_reply_decoder_returns_accepted_or_error(msg):
+    decoded = schema.router_reply_decoder.decode(schema.encode(msg))
+    assert type(decoded) is type(msg)
+    assert decoded == msg
+
+
+def test_stream_decoder_refuses_a_message_of_another_kind():
+    with pytest.raises(msgspec.ValidationError):
+        schema.stream_decoder.decode(schema.encode(schema.Accepted(request_id="r", router_id="rt")))
+
+
+def test_every_message_carries_its_kind_tag():
+    raw = msgspec.msgpack.decode(schema.encode(schema.Cancel(request_id="r")))
+    assert raw["kind"] == "cancel"
+
+
+def test_message_from_a_newer_sender_with_an_unknown_field_still_decodes():
+    data = msgspec.msgpack.encode(
+        {
+            "kind": "heartbeat",
+            "worker_id": "w1",
+            "cluster": "c",
+            "model": "m",
+            "state": "ready",
+            "capacity": 2,
+            "in_flight": 0,
+            "interval_s": 1.0,
+            "gpu_temperature": 71,  # added in some later release
+            "engine": {"running": 0, "future_gauge": 1.0},
+        }
+    )
+    beat = schema.heartbeat_decoder.decode(data)
+    assert (beat.worker_id, beat.capacity, beat.engine.running) == ("w1", 2, 0)
+
+
+def test_union_member_with_an_unknown_field_still_decodes_to_its_class():
+    data = msgspec.msgpack.encode(
+        {"kind": "chunk", "request_id": "r", "seq": 1, "deltas": [{"text": "x"}], "trace": "abc"}
+    )
+    chunk = schema.stream_decoder.decode(data)
+    assert isinstance(chunk, schema.Chunk)
+    assert chunk.deltas == [schema.Delta(text="x")]
+
+
+def test_message_from_an_older_sender_missing_defaulted_fields_decodes_with_defaults():
+    data = msgspec.msgpack.encode(
+        {
+            "kind": "infer",
+            "request_id": "r",
+            "model": "m",
+            "endpoint": "completion",
+            "body": b"{}",
+            "reply_to": "x",
+            "created": 1.0,
+        }
+    )
+    request = schema.infer_decoder.decode(data)
+    assert request.queue_timeout_s == 0.0
+    beat = schema.heartbeat_decoder.decode(
+        msgspec.msgpack.encode(
+            {
+                "kind": "heartbeat",
+                "worker_id": "w",
+                "cluster": "c",
+                "model": "m",
+                "state": "loading",
+                "capacity": 1,
+                "in_flight": 0,
+                "interval_s": 1.0,
+            }
+        )
+    )
+    assert beat.engine == schema.EngineLoad()
+    assert (beat.node_id, beat.idle_s) == ("", 0.0)
+
+
+def test_missing_required_field_is_refused():
+    data = msgspec.msgpack.encode({"kind": "cancel"})
+    with pytest.raises(msgspec.ValidationError, match="request_id"):
+        schema.cancel_decoder.decode(data)
+
+
+def test_defaults_are_left_off_the_wire():
+    """omit_defaults keeps heartbeats and chunks small: only what differs from the default is sent."""
+    raw = msgspec.msgpack.decode(schema.encode(schema.Chunk(request_id="r", seq=0)))
+    assert raw == {"kind": "chunk", "request_id": "r", "seq": 0}
