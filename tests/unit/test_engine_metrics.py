@@ -69,6 +69,15 @@ def test_label_sets_of_one_metric_are_summed():
     assert parse_metrics(text)["vllm:num_requests_running"] == 7.0
 
 
+def test_cache_usage_of_several_engines_is_the_fullest_not_the_sum():
+    text = 'vllm:kv_cache_usage_perc{engine="0"} 0.5\nvllm:kv_cache_usage_perc{engine="1"} 0.75\n'
+    assert load_from_metrics(parse_metrics(text)).kv_cache_usage == 0.75
+
+
+def test_a_sample_with_a_timestamp_parses():
+    assert parse_metrics("vllm:num_requests_waiting 3 1700000000000\n") == {"vllm:num_requests_waiting": 3.0}
+
+
 def test_metrics_without_labels_parse():
     assert parse_metrics("vllm:num_requests_waiting 4\n") == {"vllm:num_requests_waiting": 4.0}
 

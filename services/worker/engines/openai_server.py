@@ -23,7 +23,7 @@ from services.worker.engines.base import Engine, Event
 from shared import errors, schema
 
 _PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
-_METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+([-+0-9.eE]+|NaN)\s*$")
+_METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+([-+0-9.eE]+|NaN)(?:\s+-?\d+)?\s*$")
 # vLLM's metric names (``vllm:kv_cache_usage_perc`` in newer releases, ``gpu_`` before).
 _RUNNING = ("vllm:num_requests_running",)
 _WAITING = ("vllm:num_requests_waiting",)
@@ -37,12 +37,20 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text format, summed over label sets: enough for a handful of gauges."""
+    """Prometheus text format, enough for a handful of gauges. Label sets (one per data-parallel
+    engine, say) are summed, except fractions (``*_perc``), where the fullest one counts."""
     values: dict[str, float] = {}
     for line in text.splitlines():
         if m := _METRIC.match(line):
+            name = m.group(1)
             with contextlib.suppress(ValueError):
-                values[m.group(1)] = values.get(m.group(1), 0.0) + float(m.group(2))
+                value = float(m.group(2))
+                if name not in values:
+                    values[name] = value
+                elif name.endswith("_perc"):
+                    values[name] = max(values[name], value)
+                else:
+                    values[name] += value
     return values
 
 
