@@ -49,12 +49,15 @@ def _from_http(exc: web.HTTPException) -> errors.FirstError:
 
 @web.middleware
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    given = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
+    # Our id is always fresh: it names the request's NATS subjects, so two clients that send the
+    # same X-Request-Id must not collide. Theirs is logged beside it to follow a request across systems.
+    request_id = uuid.uuid4().hex
     request["request_id"] = request_id
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    client_id = {"client_request_id": given} if _SAFE_ID.fullmatch(given) else {}
     log = structlog.get_logger()
     started = time.monotonic()
-    with bound_contextvars(request_id=request_id):
+    with bound_contextvars(request_id=request_id, **client_id):
         try:
             response = await handler(request)
         except errors.FirstError as exc:

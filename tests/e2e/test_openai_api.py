@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import openai
 import pytest
@@ -112,3 +114,20 @@ async def test_stalled_engine_is_504(oai):
 async def test_health(sim_stack):
     async with aiohttp.ClientSession() as http, http.get(sim_stack.base_url + "/health") as r:
         assert r.status == 200 and (await r.json())["nats"] is True
+
+
+async def test_clients_sending_the_same_request_id_do_not_collide(sim_stack):
+    body = {"model": "sim/hot", "messages": MESSAGES, "max_tokens": 3}
+    headers = {"X-Request-Id": "same-id"}
+    async with aiohttp.ClientSession() as http:
+
+        async def call():
+            async with http.post(
+                sim_stack.base_url + "/v1/chat/completions", json=body, headers=headers
+            ) as r:
+                return r.status, r.headers["X-Request-Id"], await r.json()
+
+        results = await asyncio.gather(*(call() for _ in range(4)))
+    assert [status for status, _, _ in results] == [200] * 4
+    assert len({rid for _, rid, _ in results}) == 4
+    assert all(payload["usage"]["completion_tokens"] == 3 for _, _, payload in results)
