@@ -61,17 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     from services import run
 
     try:
-        coro = run.COMMANDS[args.command](config, args)
-    except run.UsageError as exc:
-        print(f"first {args.command}: {exc}", file=sys.stderr)
-        return 2
-    try:
         import uvloop
 
         runner = uvloop.run
     except ImportError:  # not on Linux
         runner = asyncio.run
-    return runner(coro)
+    try:
+        return runner(run.COMMANDS[args.command](config, args))
+    except run.UsageError as exc:
+        print(f"first {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ class NatsConfig(_Cfg):
 class GatewayConfig(_Cfg):
     host: str = "127.0.0.1"
     port: Port = 8000
-    max_body_bytes: PosInt = 4 * 1024 * 1024  # also capped by the NATS server's max_payload
+    # Bodies must also fit the NATS server's max_payload (1 MiB by default); the smaller limit wins.
+    max_body_bytes: PosInt = 1024 * 1024
     # How long a request may wait for its first answer (queue and cold start included) before 503/504.
     request_timeout_s: PosFloat = 600.0
     # How long a started answer may go silent before the gateway gives up with 504.

@@ -72,12 +72,6 @@ class EngineTimeout(FirstError):
     code = "engine_timeout"
 
 
-class Cancelled(FirstError):
-    status = 499
-    type = "cancelled"
-    code = "cancelled"
-
-
 _BY_CODE: dict[str, type[FirstError]] = {
     cls.code: cls
     for cls in (
@@ -89,7 +83,6 @@ _BY_CODE: dict[str, type[FirstError]] = {
         NoCapacity,
         EngineError,
         EngineTimeout,
-        Cancelled,
     )
 }
 

@@ -45,7 +45,8 @@ class Cancel(_Msg, tag="cancel"):
 
 
 class Accepted(_Msg, tag="accepted"):
-    """The router's reply to an InferRequest: it holds the request (queued) or has dispatched it."""
+    """The router's NATS reply to an InferRequest on ``<prefix>.v1.infer`` (not sent on reply_to):
+    it holds the request (queued) or has dispatched it."""
 
     request_id: str
     router_id: str

@@ -116,7 +116,7 @@ class Scaler:
                 record = self.nodes.get(node_id)
                 if record is None or record.state == state:
                     continue
-                record.state, record.reason = state, reason
+                record.state, record.reason = state, reason or record.reason
                 if state == "failed":
                     self._start_failed(record.spec.model)
                 if state in ("failed", "stopped"):

@@ -15,7 +15,6 @@ CLASSES = [
     errors.NoCapacity,
     errors.EngineError,
     errors.EngineTimeout,
-    errors.Cancelled,
 ]
 
 
