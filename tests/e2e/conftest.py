@@ -71,6 +71,17 @@ engine = {{ kind = "sim", load_s = 3600 }}
 scaling = {{ min_hot = 0, max_workers = 1 }}
 
 [[models]]
+id = "sim/brief"
+clusters = ["polaris"]
+engine = {{ kind = "sim", ttft_ms = 1, itl_ms = 1 }}
+scaling = {{ min_hot = 0, max_workers = 1, idle_s = 1 }}
+
+[[models]]
+id = "sim/burst"
+engine = {{ kind = "sim", ttft_ms = 1, itl_ms = 1, load_s = 1.5 }}
+scaling = {{ min_hot = 0, max_workers = 3 }}
+
+[[models]]
 id = "sim/pair"
 capacity = 2
 engine = {{ kind = "sim", ttft_ms = 1, itl_ms = 40 }}
