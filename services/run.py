@@ -9,11 +9,10 @@ import signal
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 
-import nats
 import structlog
-from nats.aio.client import Client as NATS
 
 from shared import config as cfg
+from shared.connect import close, connect
 from shared.natsserver import EmbeddedNats
 from shared.subjects import Subjects
 
@@ -37,10 +36,6 @@ def _nats_url(config: cfg.Config, args: argparse.Namespace) -> str:
     return url
 
 
-async def _connect(url: str, name: str) -> NATS:
-    return await nats.connect(url, name=name, max_reconnect_attempts=-1, connect_timeout=5)
-
-
 def _providers(config: cfg.Config, config_path: str, nats_url: str) -> dict:
     from services.scaler.providers.local import LocalProvider
 
@@ -58,7 +53,10 @@ async def _serve_gateway(stack: contextlib.AsyncExitStack, config: cfg.Config, u
 
     host = args.host or config.gateway.host
     port = config.gateway.port if args.port is None else args.port
-    runner = await start_site(create_app(config, url), host, port)
+    try:
+        runner = await start_site(create_app(config, url), host, port)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     stack.push_async_callback(runner.cleanup)
     structlog.get_logger().info("gateway_listening", url=f"http://{host}:{port}")
 
@@ -76,15 +74,17 @@ async def up(config: cfg.Config, args: argparse.Namespace) -> int:
             await stack.enter_async_context(server)
             url = server.url
         subjects = Subjects(config.nats.subject_prefix)
-        router_nc = await _connect(url, "first-router")
-        stack.push_async_callback(router_nc.drain)
+        router_nc = await connect(url, "first-router")
+        stack.push_async_callback(close, router_nc)
         await stack.enter_async_context(Router(router_nc, subjects, config))
-        scaler_nc = await _connect(url, "first-scaler")
-        stack.push_async_callback(scaler_nc.drain)
+        await _serve_gateway(stack, config, url, args)
+        # Entered last, so it stops first: no new nodes during shutdown, and the workers drain
+        # while the gateway and router still carry their answers.
+        scaler_nc = await connect(url, "first-scaler")
+        stack.push_async_callback(close, scaler_nc)
         await stack.enter_async_context(
             Scaler(scaler_nc, subjects, config, _providers(config, args.config, url))
         )
-        await _serve_gateway(stack, config, url, args)
         await stop.wait()
         structlog.get_logger().info("stack_stopping")
     return 0
@@ -104,12 +104,12 @@ async def router(config: cfg.Config, args: argparse.Namespace) -> int:
 
     url = _nats_url(config, args)
     stop = _stop_event()
-    nc = await _connect(url, "first-router")
+    nc = await connect(url, "first-router")
     try:
         async with Router(nc, Subjects(config.nats.subject_prefix), config):
             await stop.wait()
     finally:
-        await nc.drain()
+        await close(nc)
     return 0
 
 
@@ -118,14 +118,14 @@ async def scaler(config: cfg.Config, args: argparse.Namespace) -> int:
 
     url = _nats_url(config, args)
     stop = _stop_event()
-    nc = await _connect(url, "first-scaler")
+    nc = await connect(url, "first-scaler")
     try:
         async with Scaler(
             nc, Subjects(config.nats.subject_prefix), config, _providers(config, args.config, url)
         ):
             await stop.wait()
     finally:
-        await nc.drain()
+        await close(nc)
     return 0
 
 
@@ -140,7 +140,7 @@ async def worker(config: cfg.Config, args: argparse.Namespace) -> int:
     if config.cluster(args.cluster) is None:
         raise UsageError(f"cluster {args.cluster!r} is not in the config")
     stop = _stop_event()
-    nc = await _connect(url, f"first-worker-{args.worker_id or args.cluster}")
+    nc = await connect(url, f"first-worker-{args.worker_id or args.cluster}")
     w = Worker(
         nc,
         Subjects(config.nats.subject_prefix),
@@ -166,7 +166,7 @@ async def worker(config: cfg.Config, args: argparse.Namespace) -> int:
         await w.drain()  # SIGTERM: finish what we have, take nothing new
     finally:
         await w.stop()
-        await nc.drain()
+        await close(nc)
     return 0
 
 

@@ -14,6 +14,8 @@ import tempfile
 
 import structlog
 
+from shared.children import child_process_options
+
 _LISTEN = re.compile(rb"Listening for client connections on ([^\s]+):(\d+)")
 _READY = b"Server is ready"
 
@@ -47,7 +49,11 @@ class EmbeddedNats:
         store = self._store_dir or self._tmp.name
         args = ["-a", self.host, "-p", str(self.port or -1), "-js", "-sd", store]
         self._proc = await asyncio.create_subprocess_exec(
-            find_binary(), *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+            find_binary(),
+            *args,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            **child_process_options(),
         )
         seen: list[bytes] = []
         try:

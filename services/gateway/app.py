@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import nats
 from aiohttp import web
 
 from services.gateway import handlers, keys
@@ -10,12 +9,13 @@ from services.gateway.auth import auth_middleware
 from services.gateway.middleware import request_middleware
 from shared.client import FirstClient
 from shared.config import Config
+from shared.connect import close, connect
 from shared.subjects import Subjects
 
 
 async def _nats_ctx(app: web.Application):
     config = app[keys.CONFIG]
-    nc = await nats.connect(app[keys.NATS_URL], name="first-gateway", max_reconnect_attempts=-1)
+    nc = await connect(app[keys.NATS_URL], "first-gateway")
     client = FirstClient(
         nc,
         Subjects(config.nats.subject_prefix),
@@ -26,7 +26,7 @@ async def _nats_ctx(app: web.Application):
     app[keys.NC], app[keys.CLIENT] = nc, client
     yield
     await client.stop()
-    await nc.drain()
+    await close(nc)
 
 
 def create_app(config: Config, nats_url: str) -> web.Application:
@@ -47,6 +47,9 @@ async def start_site(app: web.Application, host: str, port: int) -> web.AppRunne
     """Serve the app; a client that disconnects cancels its handler (and so its request)."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
     return runner

@@ -11,6 +11,7 @@ import structlog
 
 from services.scaler.providers.base import NodeProvider, NodeSpec
 from shared import schema
+from shared.children import child_process_options
 
 
 @dataclass
@@ -44,7 +45,9 @@ class LocalProvider(NodeProvider):
 
     async def start_node(self, spec: NodeSpec) -> None:
         # stdout/stderr are inherited: the worker's log lines join the stack's.
-        proc = await asyncio.create_subprocess_exec(*self.command(spec), stdin=asyncio.subprocess.DEVNULL)
+        proc = await asyncio.create_subprocess_exec(
+            *self.command(spec), stdin=asyncio.subprocess.DEVNULL, **child_process_options()
+        )
         self._procs[spec.node_id] = _Proc(spec, proc)
         self._log.info("node_process_started", node_id=spec.node_id, pid=proc.pid)
 

@@ -21,6 +21,7 @@ import structlog
 
 from services.worker.engines.base import Engine, Event
 from shared import errors, schema
+from shared.children import child_process_options
 
 _PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 _METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+([-+0-9.eE]+|NaN)(?:\s+-?\d+)?\s*$")
@@ -85,7 +86,7 @@ class ServerProcess:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env=self.env,
-            start_new_session=True,  # a Ctrl-C on the terminal reaches the worker, which stops this
+            **child_process_options(),  # stopped by the worker, after its requests
         )
         self._drain = asyncio.create_task(self._read_output(self.proc), name="engine-output")
 

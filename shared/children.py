@@ -1,0 +1,29 @@
+"""Child processes that stop with their parent, and only when the parent says so.
+
+The embedded nats-server, worker nodes and engine servers run in sessions of their own, so a
+Ctrl-C on the terminal reaches only the parent, which then stops them in order (workers drain
+while NATS still carries their answers). On Linux they also get SIGTERM if the parent dies
+without that chance (kill -9), instead of lingering.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import sys
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def child_process_options() -> dict[str, Any]:
+    """Keyword arguments for ``asyncio.create_subprocess_exec``."""
+    options: dict[str, Any] = {"start_new_session": True}
+    if sys.platform == "linux":
+        options["preexec_fn"] = _die_with_parent
+    return options
