@@ -106,7 +106,7 @@ class Scaler:
 
     async def tick(self) -> None:
         await self._poll_providers()
-        self._fail_slow_starts()
+        await self._fail_slow_starts()
         for model in self.config.models:
             await self._scale(model)
 
@@ -123,18 +123,22 @@ class Scaler:
                     del self.nodes[node_id]
                 await self._event(record)
 
-    def _fail_slow_starts(self) -> None:
+    async def _fail_slow_starts(self) -> None:
+        """Release nodes whose worker never sent a heartbeat (a job stuck in a batch queue, say)."""
         now = time.monotonic()
-        for record in self.nodes.values():
+        for record in list(self.nodes.values()):
             waiting = now - record.requested_at
-            if record.state in ("requested", "running") and self.workers.get(record.spec.node_id) is None:
-                if waiting > self.settings.start_timeout_s:
-                    self._log.warning(
-                        "node_start_timeout", node_id=record.spec.node_id, waited_s=round(waiting)
-                    )
-                    record.reason = f"no heartbeat within {self.settings.start_timeout_s:g} s"
-                    self._start_failed(record.spec.model)
-                    asyncio.get_running_loop().create_task(record.provider.stop_node(record.spec.node_id))
+            if (
+                record.state in ("requested", "running")
+                and self.workers.get(record.spec.node_id) is None
+                and waiting > self.settings.start_timeout_s
+            ):
+                self._log.warning("node_start_timeout", node_id=record.spec.node_id, waited_s=round(waiting))
+                record.state = "stopping"
+                record.reason = f"no heartbeat within {self.settings.start_timeout_s:g} s"
+                self._start_failed(record.spec.model)
+                await record.provider.stop_node(record.spec.node_id)
+                await self._event(record)
 
     def _start_failed(self, model: str) -> None:
         n = self._failures[model] = self._failures.get(model, 0) + 1

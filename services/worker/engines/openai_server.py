@@ -176,9 +176,10 @@ class OpenAIServerEngine(Engine):
         if not self.metrics_path or self._session is None:
             return schema.EngineLoad()
         try:
-            async with self._session.get(self.base_url + self.metrics_path) as resp:
+            # A slow /metrics must not hold up the heartbeat that carries its figures.
+            async with asyncio.timeout(1.0), self._session.get(self.base_url + self.metrics_path) as resp:
                 return load_from_metrics(parse_metrics(await resp.text()))
-        except aiohttp.ClientError:
+        except (aiohttp.ClientError, TimeoutError):
             return schema.EngineLoad()
 
     async def generate(self, endpoint: schema.Endpoint, body: dict[str, Any]) -> AsyncIterator[Event]:
