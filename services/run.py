@@ -99,34 +99,36 @@ async def gateway(config: cfg.Config, args: argparse.Namespace) -> int:
     return 0
 
 
-async def router(config: cfg.Config, args: argparse.Namespace) -> int:
-    from services.router.service import Router
-
+async def _run_on_nats(config: cfg.Config, args: argparse.Namespace, name: str, make) -> int:
+    """Connect, run the service that ``make(nc)`` builds until SIGTERM or SIGINT, then stop it."""
     url = _nats_url(config, args)
     stop = _stop_event()
-    nc = await connect(url, "first-router")
+    nc = await connect(url, name)
     try:
-        async with Router(nc, Subjects(config.nats.subject_prefix), config):
+        async with make(nc, url):
             await stop.wait()
     finally:
         await close(nc)
     return 0
+
+
+async def router(config: cfg.Config, args: argparse.Namespace) -> int:
+    from services.router.service import Router
+
+    subjects = Subjects(config.nats.subject_prefix)
+    return await _run_on_nats(config, args, "first-router", lambda nc, _url: Router(nc, subjects, config))
 
 
 async def scaler(config: cfg.Config, args: argparse.Namespace) -> int:
     from services.scaler.service import Scaler
 
-    url = _nats_url(config, args)
-    stop = _stop_event()
-    nc = await connect(url, "first-scaler")
-    try:
-        async with Scaler(
-            nc, Subjects(config.nats.subject_prefix), config, _providers(config, args.config, url)
-        ):
-            await stop.wait()
-    finally:
-        await close(nc)
-    return 0
+    subjects = Subjects(config.nats.subject_prefix)
+    return await _run_on_nats(
+        config,
+        args,
+        "first-scaler",
+        lambda nc, url: Scaler(nc, subjects, config, _providers(config, args.config, url)),
+    )
 
 
 async def worker(config: cfg.Config, args: argparse.Namespace) -> int:

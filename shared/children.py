@@ -8,6 +8,8 @@ without that chance (kill -9), instead of lingering.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import signal
 import sys
@@ -27,3 +29,23 @@ def child_process_options() -> dict[str, Any]:
     if sys.platform == "linux":
         options["preexec_fn"] = _die_with_parent
     return options
+
+
+async def stop_process(proc: asyncio.subprocess.Process | None, *, grace_s: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``grace_s``; waits for the exit either way."""
+    if proc is None or proc.returncode is not None:
+        return
+    proc.terminate()
+    try:
+        async with asyncio.timeout(grace_s):
+            await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
+async def cancel_and_wait(task: asyncio.Task | None) -> None:
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

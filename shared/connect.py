@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import nats
+import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 
@@ -37,3 +40,11 @@ async def close(nc: NATS) -> None:
     except (nats.errors.Error, TimeoutError, OSError) as exc:
         structlog.get_logger().info("nats_closed_without_drain", reason=repr(exc))
         await nc.close()
+
+
+async def unsubscribe(subs: list) -> None:
+    """End these subscriptions (a connection already closed has ended them) and empty the list."""
+    for sub in subs:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+    subs.clear()

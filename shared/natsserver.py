@@ -6,7 +6,6 @@ Used by ``first up`` when no NATS URL is configured, and by the test suite.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import shutil
 import sysconfig
@@ -14,7 +13,7 @@ import tempfile
 
 import structlog
 
-from shared.children import child_process_options
+from shared.children import cancel_and_wait, child_process_options, stop_process
 
 _LISTEN = re.compile(rb"Listening for client connections on ([^\s]+):(\d+)")
 _READY = b"Server is ready"
@@ -85,19 +84,9 @@ class EmbeddedNats:
 
     async def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.returncode is None:
-            proc.terminate()
-            try:
-                async with asyncio.timeout(5):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        if self._drain is not None:
-            self._drain.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._drain
-            self._drain = None
+        await stop_process(proc, grace_s=5)
+        await cancel_and_wait(self._drain)
+        self._drain = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -76,7 +77,10 @@ class Stack:
 
         try:
             await eventually(ready, timeout=timeout, interval=0.2, what=f"the stack to serve {ready_models}")
-        except AssertionError as exc:
+        except BaseException as exc:
+            # A fixture that fails in setup gets no teardown: leave no stack running behind.
+            with contextlib.suppress(AssertionError):
+                await self.stop()
             raise AssertionError(f"{exc}\n--- first up log ---\n{self.log_tail()}") from None
         return self
 

@@ -21,6 +21,7 @@ from services.router.registry import Registry
 from services.router.status import ClusterView
 from shared import config as cfg
 from shared import errors, schema
+from shared.connect import unsubscribe
 from shared.subjects import ROUTERS_QUEUE, Subjects
 
 
@@ -61,10 +62,7 @@ class Router:
         if not self._started:
             return
         self._started = False
-        for sub in self._subs:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
-        self._subs.clear()
+        await unsubscribe(self._subs)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -18,6 +18,7 @@ from services.scaler.providers.base import NodeProvider, NodeSpec
 from shared import config as cfg
 from shared import schema
 from shared.book import DemandBook, WorkerBook
+from shared.connect import unsubscribe
 from shared.subjects import Subjects
 
 _MAX_BACKOFF_S = 60.0
@@ -69,10 +70,7 @@ class Scaler:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        for sub in self._subs:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
-        self._subs.clear()
+        await unsubscribe(self._subs)
         for provider in set(self.providers.values()):
             await provider.close()
         await self._poll_providers()

@@ -19,6 +19,7 @@ from structlog.contextvars import bound_contextvars
 from services.worker.engines.base import Engine
 from shared import config as cfg
 from shared import errors, schema
+from shared.connect import unsubscribe
 from shared.subjects import Subjects
 
 _END = object()
@@ -102,10 +103,7 @@ class Worker:
             return
         self.state = "stopped"
         await self._unsubscribe_infer()
-        for sub in self._subs:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
-        self._subs.clear()
+        await unsubscribe(self._subs)
         for task in list(self._tasks.values()):
             task.cancel("worker stopped")
         if self._tasks:
@@ -128,9 +126,7 @@ class Worker:
 
     async def _unsubscribe_infer(self) -> None:
         sub, self._infer_sub = self._infer_sub, None
-        if sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+        await unsubscribe([sub] if sub else [])
 
     # --- heartbeats ----------------------------------------------------------------------------
 

@@ -11,9 +11,9 @@ import asyncio
 
 import orjson
 
-from shared import schema
 from services.scaler.providers.base import NodeProvider, NodeSpec
 from services.scaler.service import Scaler
+from shared import schema
 from tests.integration.conftest import make_config
 from tests.support import eventually
 

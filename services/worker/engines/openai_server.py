@@ -21,7 +21,7 @@ import structlog
 
 from services.worker.engines.base import Engine, Event
 from shared import errors, schema
-from shared.children import child_process_options
+from shared.children import cancel_and_wait, child_process_options, stop_process
 
 _PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 _METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+([-+0-9.eE]+|NaN)(?:\s+-?\d+)?\s*$")
@@ -102,18 +102,8 @@ class ServerProcess:
 
     async def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.returncode is None:
-            proc.terminate()
-            try:
-                async with asyncio.timeout(10):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        if self._drain is not None:
-            self._drain.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._drain
+        await stop_process(proc, grace_s=10)
+        await cancel_and_wait(self._drain)
 
 
 class OpenAIServerEngine(Engine):
