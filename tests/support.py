@@ -81,7 +81,9 @@ class Stack:
             # A fixture that fails in setup gets no teardown: leave no stack running behind.
             with contextlib.suppress(AssertionError):
                 await self.stop()
-            raise AssertionError(f"{exc}\n--- first up log ---\n{self.log_tail()}") from None
+            if isinstance(exc, AssertionError):
+                raise AssertionError(f"{exc}\n--- first up log ---\n{self.log_tail()}") from None
+            raise
         return self
 
     def log_tail(self, lines: int = 40) -> str:
