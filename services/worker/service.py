@@ -75,6 +75,9 @@ class Worker:
         try:
             async with asyncio.timeout(self.settings.engine_start_timeout_s):
                 await self.engine.start()
+        except asyncio.CancelledError:  # asked to stop while loading
+            await self.stop()
+            raise
         except BaseException:
             self._log.exception("engine_start_failed")
             await self.stop()
