@@ -86,3 +86,29 @@ class DemandBook:
             for (router, m), (d, expires) in self._seen.items()
             if m == model and expires > now and router != exclude_router
         )
+
+
+class RecentIds:
+    """Ids seen in the last ``ttl_s`` seconds: the requests cancelled lately.
+
+    A cancel can overtake its request (the caller leaves while a router is handing it to a
+    worker); routers and workers remember it, so the request is dropped when it arrives.
+    """
+
+    def __init__(self, ttl_s: float = 120.0, clock: Callable[[], float] = time.monotonic):
+        self.ttl_s, self.clock = ttl_s, clock
+        self._expires: dict[str, float] = {}  # insertion order is expiry order
+
+    def add(self, item: str) -> None:
+        now = self.clock()
+        self._expires.pop(item, None)
+        self._expires[item] = now + self.ttl_s
+        while self._expires:
+            oldest, expires = next(iter(self._expires.items()))
+            if expires > now:
+                break
+            del self._expires[oldest]
+
+    def __contains__(self, item: str) -> bool:
+        expires = self._expires.get(item)
+        return expires is not None and expires > self.clock()

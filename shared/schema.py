@@ -57,7 +57,10 @@ class DispatchReply(_Msg, tag="dispatch_reply"):
     """The worker's reply to the router: accepted means the worker now owns the request."""
 
     accepted: bool
-    reason: str = ""
+    reason: str = ""  # CANCELLED: the caller has gone; drop the request rather than try elsewhere
+
+
+CANCELLED = "cancelled"
 
 
 # --- the answer stream: router/worker -> client on InferRequest.reply_to -----------------------

@@ -21,6 +21,7 @@ from services.router.registry import Registry
 from services.router.status import ClusterView
 from shared import config as cfg
 from shared import errors, schema
+from shared.book import RecentIds
 from shared.connect import unsubscribe
 from shared.subjects import ROUTERS_QUEUE, Subjects
 
@@ -34,7 +35,8 @@ class Router:
         self.view = ClusterView(config, self.registry, start_timeout_s=config.scaler.start_timeout_s)
         self.queues = {m.id: ModelQueue(self.settings.max_queue) for m in config.models}
         self._wake = {m.id: asyncio.Event() for m in config.models}
-        self._published: dict[str, int] = {}  # the queue length each model's last Demand said
+        self._published: dict[str, int] = {}
+        self._cancelled = RecentIds()  # the queue length each model's last Demand said
         self._tasks: list[asyncio.Task] = []
         self._subs: list = []
         self._started = False
@@ -142,6 +144,8 @@ class Router:
                     ),
                 )
             while (held := queue.pop()) is not None:
+                if held.request.request_id in self._cancelled:
+                    continue
                 if not await self._dispatch(held):
                     queue.push_front(held)
                     break
@@ -165,6 +169,8 @@ class Router:
                 self._log.warning("dispatch_timeout", worker_id=wid, request_id=request.request_id)
                 continue
             reply = schema.dispatch_reply_decoder.decode(msg.data)
+            if reply.reason == schema.CANCELLED:
+                return True  # the caller left while the request was on its way: done with it
             if reply.accepted:
                 self.registry.dispatched(wid)
                 self._log.info(
@@ -186,6 +192,7 @@ class Router:
     async def _on_cancel(self, msg) -> None:
         with contextlib.suppress(msgspec.DecodeError):
             cancel = schema.cancel_decoder.decode(msg.data)
+            self._cancelled.add(cancel.request_id)
             for model, queue in self.queues.items():
                 if queue.remove(cancel.request_id):
                     self._log.info("held_request_cancelled", request_id=cancel.request_id)

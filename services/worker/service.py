@@ -19,6 +19,7 @@ from structlog.contextvars import bound_contextvars
 from services.worker.engines.base import Engine
 from shared import config as cfg
 from shared import errors, schema
+from shared.book import RecentIds
 from shared.connect import unsubscribe
 from shared.subjects import Subjects
 
@@ -51,6 +52,7 @@ class Worker:
         self.node_id = node_id
         self.state: schema.WorkerState = "starting"
         self._tasks: dict[str, asyncio.Task] = {}
+        self._cancelled = RecentIds()
         self._subs: list = []
         self._infer_sub = None
         self._beat_now = asyncio.Event()
@@ -173,7 +175,9 @@ class Worker:
         except msgspec.DecodeError as exc:
             await msg.respond(schema.encode(schema.DispatchReply(False, f"undecodable request: {exc}")))
             return
-        if self.state != "ready":
+        if request.request_id in self._cancelled:
+            reason = schema.CANCELLED
+        elif self.state != "ready":
             reason = f"worker is {self.state}"
         elif self.in_flight >= self.model.capacity:
             reason = "worker is full"
@@ -203,6 +207,7 @@ class Worker:
             cancel = schema.cancel_decoder.decode(msg.data)
         except msgspec.DecodeError:
             return
+        self._cancelled.add(cancel.request_id)
         task = self._tasks.get(cancel.request_id)
         if task is not None:
             self._log.info("request_cancelled", request_id=cancel.request_id, reason=cancel.reason)

@@ -145,3 +145,24 @@ async def test_worker_that_stops_is_forgotten_and_requests_go_elsewhere(services
     client = await services.client()
     for _ in range(4):
         assert (await client.complete("m", "chat", chat())).worker_id == "stays"
+
+
+async def test_a_cancel_that_overtakes_its_request_still_stops_it(services, nc, subjects):
+    """The caller left while a router was handing the request over: the worker must not run it."""
+    config = make_config([{"id": "m"}])
+    worker = await services.worker(config, "m", worker_id="w")
+    await nc.publish(subjects.cancel, schema.encode(schema.Cancel("late-request")))
+    await nc.flush()
+    await eventually(lambda: "late-request" in worker._cancelled, what="the worker to hear the cancel")
+    request = schema.InferRequest(
+        request_id="late-request",
+        model="m",
+        endpoint="chat",
+        body=chat(),
+        reply_to=subjects.reply_stream("gone", "late-request"),
+        created=0.0,
+    )
+    msg = await nc.request(subjects.worker_infer("w"), schema.encode(request), timeout=2)
+    reply = schema.dispatch_reply_decoder.decode(msg.data)
+    assert (reply.accepted, reply.reason) == (False, schema.CANCELLED)
+    assert worker.in_flight == 0

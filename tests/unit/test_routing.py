@@ -6,7 +6,7 @@ import pytest
 
 from services.router.registry import Registry
 from shared import schema
-from shared.book import DemandBook
+from shared.book import DemandBook, RecentIds
 
 
 class Clock:
@@ -211,3 +211,16 @@ def test_exclude_router_leaves_out_its_own_report(clock):
     book.observe(demand("me", 4))
     book.observe(demand("peer", 1))
     assert book.queued("m", exclude_router="me") == 1
+
+
+def test_recent_ids_forget_after_their_ttl():
+    clock = Clock()
+    recent = RecentIds(ttl_s=10, clock=clock)
+    recent.add("a")
+    clock.now += 5
+    recent.add("b")
+    assert "a" in recent and "b" in recent and "c" not in recent
+    clock.now += 6
+    assert "a" not in recent and "b" in recent
+    recent.add("c")  # adding prunes what expired
+    assert list(recent._expires) == ["b", "c"]
