@@ -57,7 +57,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     client_id = {"client_request_id": given} if _SAFE_ID.fullmatch(given) else {}
     log = structlog.get_logger()
     started = time.monotonic()
-    with bound_contextvars(request_id=request_id, **client_id):
+    with bound_contextvars(service="gateway", request_id=request_id, **client_id):
         try:
             response = await handler(request)
         except errors.FirstError as exc:

@@ -40,7 +40,7 @@ class Router:
         self._tasks: list[asyncio.Task] = []
         self._subs: list = []
         self._started = False
-        self._log = structlog.get_logger().bind(router_id=self.router_id)
+        self._log = structlog.get_logger().bind(service="router", router_id=self.router_id)
 
     async def start(self) -> None:
         if self._started:

@@ -51,7 +51,7 @@ class Scaler:
         self._not_before: dict[str, float] = {}  # model -> no new start before this (backoff)
         self._subs: list = []
         self._task: asyncio.Task | None = None
-        self._log = structlog.get_logger()
+        self._log = structlog.get_logger().bind(service="scaler")
 
     async def start(self) -> None:
         if self._task is not None:

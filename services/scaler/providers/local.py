@@ -30,7 +30,7 @@ class LocalProvider(NodeProvider):
         self.nats_url = nats_url
         self.stop_timeout_s = stop_timeout_s
         self._procs: dict[str, _Proc] = {}
-        self._log = structlog.get_logger().bind(provider=self.name)
+        self._log = structlog.get_logger().bind(service="scaler", provider=self.name)
 
     def command(self, spec: NodeSpec) -> list[str]:
         return [
