@@ -29,6 +29,7 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from shared import errors, schema
+from shared.lifecycle import Lifecycle
 from shared.subjects import Subjects
 
 
@@ -91,7 +92,7 @@ class Answer:
             raise errors.EngineTimeout(f"no worker answered within {timeout:g} s") from None
 
 
-class FirstClient:
+class FirstClient(Lifecycle):
     def __init__(
         self,
         nc: NATS,
@@ -127,13 +128,6 @@ class FirstClient:
             sub, self._sub = self._sub, None
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
-
-    async def __aenter__(self) -> FirstClient:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.stop()
 
     async def _on_reply(self, msg) -> None:
         request_id = msg.subject.rsplit(".", 1)[-1]

@@ -14,6 +14,7 @@ import tempfile
 import structlog
 
 from shared.children import cancel_and_wait, child_process_options, stop_process
+from shared.lifecycle import Lifecycle
 
 _LISTEN = re.compile(rb"Listening for client connections on ([^\s]+):(\d+)")
 _READY = b"Server is ready"
@@ -27,7 +28,7 @@ def find_binary() -> str:
     return found
 
 
-class EmbeddedNats:
+class EmbeddedNats(Lifecycle):
     """``async with EmbeddedNats() as server: server.url`` — JetStream on, loopback only."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, store_dir: str = "", ready_timeout_s=15.0):
@@ -90,10 +91,3 @@ class EmbeddedNats:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-    async def __aenter__(self) -> EmbeddedNats:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.stop()

@@ -23,10 +23,11 @@ from shared import config as cfg
 from shared import errors, schema
 from shared.book import RecentIds
 from shared.connect import unsubscribe
+from shared.lifecycle import Lifecycle
 from shared.subjects import ROUTERS_QUEUE, Subjects
 
 
-class Router:
+class Router(Lifecycle):
     def __init__(self, nc: NATS, subjects: Subjects, config: cfg.Config, *, router_id: str = ""):
         self.nc, self.subjects, self.config = nc, subjects, config
         self.settings = config.router
@@ -79,13 +80,6 @@ class Router:
                 )
             await self._publish_demand(model)
         self._log.info("router_stopped")
-
-    async def __aenter__(self) -> Router:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.stop()
 
     # --- requests ------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from shared import config as cfg
 from shared import schema
 from shared.book import DemandBook, WorkerBook
 from shared.connect import unsubscribe
+from shared.lifecycle import Lifecycle
 from shared.subjects import Subjects
 
 _MAX_BACKOFF_S = 60.0
@@ -33,7 +34,7 @@ class NodeRecord:
     reason: str = ""
 
 
-class Scaler:
+class Scaler(Lifecycle):
     def __init__(
         self,
         nc: NATS,
@@ -75,13 +76,6 @@ class Scaler:
             await provider.close()
         await self._poll_providers()
         self._log.info("scaler_stopped")
-
-    async def __aenter__(self) -> Scaler:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.stop()
 
     async def _on_heartbeat(self, msg) -> None:
         with contextlib.suppress(msgspec.DecodeError):

@@ -21,6 +21,7 @@ from shared import config as cfg
 from shared import errors, schema
 from shared.book import RecentIds
 from shared.connect import unsubscribe
+from shared.lifecycle import Lifecycle
 from shared.subjects import Subjects
 
 _END = object()
@@ -31,7 +32,7 @@ def default_worker_id(cluster: str, model_id: str) -> str:
     return f"{cluster}-{slug}-{uuid.uuid4().hex[:8]}"
 
 
-class Worker:
+class Worker(Lifecycle):
     """One engine's worth of serving. ``start`` loads the engine; ``drain`` finishes what it has."""
 
     def __init__(
@@ -121,13 +122,6 @@ class Worker:
             await self._publish_heartbeat()  # "stopped": routers forget this worker at once
         await self.engine.stop()
         self._log.info("worker_stopped")
-
-    async def __aenter__(self) -> Worker:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.stop()
 
     async def _unsubscribe_infer(self) -> None:
         sub, self._infer_sub = self._infer_sub, None
