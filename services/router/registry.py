@@ -15,9 +15,6 @@ def load_key(e: WorkerEntry) -> tuple[float, int, float]:
 
 
 class Registry(WorkerBook):
-    def has_free_slot(self, model: str) -> bool:
-        return self.pick(model) is not None
-
     def pick(self, model: str, exclude: frozenset[str] | set[str] = frozenset()) -> WorkerEntry | None:
         """The least-loaded ready worker of the model with a free slot, or None."""
         best: WorkerEntry | None = None
