@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -15,6 +14,7 @@ from structlog.contextvars import bound_contextvars
 
 from services.gateway.protocol import error_body
 from shared import errors
+from shared.client import new_id
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -51,7 +51,7 @@ def _from_http(exc: web.HTTPException) -> errors.FirstError:
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     # Our id is always fresh: it names the request's NATS subjects, so two clients that send the
     # same X-Request-Id must not collide. Theirs is logged beside it to follow a request across systems.
-    request_id = uuid.uuid4().hex
+    request_id = new_id()
     request["request_id"] = request_id
     given = request.headers.get(REQUEST_ID_HEADER, "")
     client_id = {"client_request_id": given} if _SAFE_ID.fullmatch(given) else {}

@@ -95,7 +95,7 @@ class Router(Lifecycle):
             if queue is None:
                 known = ", ".join(self.queues) or "none"
                 err = errors.ModelNotFound(
-                    f"The model '{request.model}' does not exist (served here: {known})", param="model"
+                    f"The model '{request.model}' does not exist (served here: {known}).", param="model"
                 )
                 await msg.respond(schema.encode(err.to_wire(request.request_id)))
                 return
