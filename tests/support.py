@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import aiohttp
+
+from services.worker.engines.openai_server import free_port
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,12 +38,6 @@ async def eventually(
                 f"timed out after {timeout:g} s waiting for {what or probe!r} (last: {last!r})"
             )
         await asyncio.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Stack:

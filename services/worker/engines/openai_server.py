@@ -117,7 +117,6 @@ class OpenAIServerEngine(Engine):
         health_path: str = "/v1/models",
         metrics_path: str = "",
         process: ServerProcess | None = None,
-        start_timeout_s: float = 900.0,
         read_timeout_s: float = 600.0,
     ):
         self.base_url = base_url.rstrip("/")
@@ -125,7 +124,6 @@ class OpenAIServerEngine(Engine):
         self.health_path = health_path
         self.metrics_path = metrics_path
         self.process = process
-        self.start_timeout_s = start_timeout_s
         self.read_timeout_s = read_timeout_s
         self._session: aiohttp.ClientSession | None = None
 
@@ -137,13 +135,12 @@ class OpenAIServerEngine(Engine):
         )
         if self.process is not None:
             await self.process.start()
-        try:
-            async with asyncio.timeout(self.start_timeout_s):
-                while not await self._healthy():
-                    if self.process is not None and self.process.exited:
-                        tail = "\n".join(self.process.tail)
-                        raise RuntimeError(f"engine server exited during start:\n{tail}")
-                    await asyncio.sleep(0.25)
+        try:  # the worker bounds this wait with worker.engine_start_timeout_s
+            while not await self._healthy():
+                if self.process is not None and self.process.exited:
+                    tail = "\n".join(self.process.tail)
+                    raise RuntimeError(f"engine server exited during start:\n{tail}")
+                await asyncio.sleep(0.25)
         except BaseException:
             await self.stop()
             raise
