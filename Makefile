@@ -6,7 +6,7 @@ CONFIG ?= compose/first.local.toml
 # Extra arguments for `first up`, e.g. make up ARGS="--port 8080"
 ARGS   ?=
 
-.PHONY: up test lint bench clean
+.PHONY: up test lint bench bench-requestpath clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,15 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m bench.throughput
+
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[local,dev,bench]'
+	touch $(VENV)/.installed-local $(VENV)/.installed-dev $@
+
+# The request path against a zero-delay mock engine, direct vs through the stack; e.g.
+# make bench-requestpath BENCH_ARGS="--quick --json /tmp/rp.json --profile /tmp/rp-prof"
+bench-requestpath: $(VENV)/.installed-bench
+	$(BIN)/python -m bench.requestpath --plot docs/requestpath.png $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
