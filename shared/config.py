@@ -40,6 +40,15 @@ class GatewayConfig(_Cfg):
     request_timeout_s: PosFloat = 600.0
     # How long a started answer may go silent before the gateway gives up with 504.
     stall_timeout_s: PosFloat = 120.0
+    # A connection must send a whole request head (request line and headers) within this, counted
+    # from its opening or from the first byte of a later request on it; otherwise it is closed.
+    header_timeout_s: PosFloat = 10.0
+    # How long a kept-alive connection may sit idle between requests before it is closed.
+    keepalive_timeout_s: PosFloat = 15.0
+    # A request body must arrive whole within this once its head is in; otherwise 408.
+    body_timeout_s: PosFloat = 30.0
+    # Open connections at most; beyond it, a new connection gets 503 with Retry-After and is closed.
+    max_connections: PosInt = 1024
 
 
 class RouterConfig(_Cfg):

@@ -95,3 +95,30 @@ def from_wire(err: schema.Error) -> FirstError:
         exc.status, exc.code = err.status, err.code
         return exc
     return cls(err.message, param=err.param, retry_after_s=err.retry_after_s)
+
+
+# Refusals made at the gateway's HTTP edge, before anything is sent on; they never travel on the wire.
+
+
+class RequestTimeout(FirstError):
+    """The request body did not arrive whole within gateway.body_timeout_s."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class UnsupportedMediaType(FirstError):
+    """The body is not declared ``application/json``."""
+
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class HeadersTooLarge(FirstError):
+    """The request line or a header field is too long, or there are too many header fields."""
+
+    status = 431
+    type = "invalid_request_error"
+    code = "headers_too_large"

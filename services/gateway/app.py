@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from services.gateway import handlers, keys
+from services.gateway import handlers, keys, openapi
 from services.gateway.auth import auth_middleware
 from services.gateway.middleware import request_middleware
+from services.gateway.server import serve
 from shared.client import FirstClient
 from shared.config import Config
 from shared.connect import close, connect
@@ -40,16 +41,11 @@ def create_app(config: Config, nats_url: str) -> web.Application:
     app.router.add_post("/v1/completions", handlers.completions)
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/health", handlers.health)
+    app.router.add_get("/openapi.json", openapi.handler())
     return app
 
 
 async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Serve the app; a client that disconnects cancels its handler (and so its request)."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return runner
+    """Serve the app under the gateway's connection limits (server.py); a client that disconnects
+    cancels its handler (and so its request)."""
+    return await serve(app, host, port, app[keys.CONFIG].gateway)

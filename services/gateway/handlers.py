@@ -7,6 +7,7 @@ import structlog
 from aiohttp import web
 
 from services.gateway import keys
+from services.gateway.body import read_json_body
 from services.gateway.middleware import REQUEST_ID_HEADER, json_response
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, ResponseShape, parse_request
 from services.gateway.sse import ChunkFramer, error_events
@@ -24,6 +25,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def _infer(
     request: web.Request, endpoint: schema.Endpoint, kind: type[msgspec.Struct]
 ) -> web.StreamResponse:
+    await read_json_body(request)  # 415 unless JSON; 408 if the body trickles; then kept for read()
     raw = await request.read()
     req = parse_request(raw, kind)
     request["model"] = req.model  # unknown models: the router answers 404, as it does NATS callers

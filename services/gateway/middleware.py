@@ -12,6 +12,7 @@ import structlog
 from aiohttp import web
 from structlog.contextvars import bound_contextvars
 
+from services.gateway.clip import clip
 from services.gateway.protocol import error_body
 from shared import errors
 from shared.client import new_id
@@ -67,16 +68,17 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
                 raise
             response = error_response(_from_http(exc))
         except Exception:
-            log.exception("unhandled_error", path=request.path)
+            log.exception("unhandled_error", path=clip(request.path))
             response = error_response(errors.FirstError("Internal error; it has been logged."))
         if not response.prepared:
             response.headers[REQUEST_ID_HEADER] = request_id
+        # Everything the client chose is clipped: a line per request must stay a line.
         log.info(
             "http_request",
-            method=request.method,
-            path=request.path,
+            method=clip(request.method),
+            path=clip(request.path),
             status=response.status,
-            model=request.get("model"),
+            model=clip(request.get("model")),
             seconds=round(time.monotonic() - started, 4),
         )
         return response

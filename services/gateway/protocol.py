@@ -16,7 +16,12 @@ import msgspec
 from shared import errors, schema
 from shared.client import Completion
 
-PosInt = Annotated[int, msgspec.Meta(ge=1)]
+# Bounds that no sane request reaches: engines keep token counts in 32 bits and seeds in 64.
+INT32_MAX = 2**31 - 1
+MAX_MODEL_LENGTH = 256
+Count = Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)]
+Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+ModelName = Annotated[str, msgspec.Meta(max_length=MAX_MODEL_LENGTH)]
 Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
 Unit = Annotated[float, msgspec.Meta(ge=0, le=1)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
@@ -27,15 +32,15 @@ class StreamOptions(msgspec.Struct):
 
 
 class _Sampling(msgspec.Struct, kw_only=True):
-    model: str
+    model: ModelName
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: PosInt | None = None
+    max_tokens: Count | None = None
     temperature: Temperature | None = None
     top_p: Unit | None = None
-    n: PosInt | None = None
+    n: Annotated[Count, msgspec.Meta(description="Only 1 is supported.")] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     user: str | None = None
@@ -45,19 +50,34 @@ class _Sampling(msgspec.Struct, kw_only=True):
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
 
+# Content parts travel to the engine as sent. Only text parts are read here, and their ``text``
+# must be a string (check_content); the schema says so for the OpenAPI document.
+_TEXT_PART = {
+    "type": "object",
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+    "required": ["type", "text"],
+}
+_OTHER_PART = {
+    "type": "object",
+    "properties": {"type": {"type": "string", "not": {"const": "text"}}},
+    "required": ["type"],
+}
+ContentPart = Annotated[dict[str, Any], msgspec.Meta(extra_json_schema={"anyOf": [_TEXT_PART, _OTHER_PART]})]
+
+
 class ChatMessage(msgspec.Struct):
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
 
 
 class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
-    max_completion_tokens: PosInt | None = None
+    max_completion_tokens: Count | None = None
 
 
 class CompletionRequest(_Sampling, kw_only=True):
     prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
-    echo: bool = False
+    echo: Annotated[bool, msgspec.Meta(description="Only false is supported.")] = False
 
 
 _PATH = re.compile(r"at `\$\.?(.*)`$")
@@ -76,11 +96,44 @@ def parse_request(raw: bytes, kind: type[msgspec.Struct]) -> Any:
         raise errors.BadRequest(text, param=m.group(1) if m else None) from None
     except msgspec.DecodeError as exc:
         raise errors.BadRequest(f"The request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        # msgspec checks UTF-8 only inside strings, and says so with a bare UnicodeDecodeError.
+        raise errors.BadRequest("The request body is not valid JSON: a string in it is not UTF-8.") from None
+    except RecursionError:
+        raise errors.BadRequest("The request body nests arrays or objects too deeply.") from None
+    if isinstance(request, ChatCompletionRequest):
+        check_content(request.messages)
     if request.n not in (None, 1):
         raise errors.BadRequest("Only n=1 is supported.", param="n")
     if isinstance(request, CompletionRequest) and request.echo:
         raise errors.BadRequest("echo is not supported.", param="echo")
     return request
+
+
+def check_content(messages: list[ChatMessage]) -> None:
+    """Content parts need a string ``type``, and text parts a string ``text``; others pass as sent."""
+    for i, message in enumerate(messages):
+        if not isinstance(message.content, list):
+            continue
+        for j, part in enumerate(message.content):
+            where = f"messages[{i}].content[{j}]"
+            _require_str(part, "type", where)
+            if part["type"] == "text":
+                _require_str(part, "text", where)
+
+
+_JSON_TYPES = {type(None): "null", bool: "bool", int: "int", float: "float", list: "array", dict: "object"}
+
+
+def _require_str(part: dict[str, Any], key: str, where: str) -> None:
+    # Worded as msgspec words its own errors, so every 400 reads alike.
+    if key not in part:
+        raise errors.BadRequest(
+            f"Object missing required field `{key}` - at `$.{where}`", param=f"{where}.{key}"
+        )
+    if not isinstance(part[key], str):
+        got = _JSON_TYPES.get(type(part[key]), type(part[key]).__name__)
+        raise errors.BadRequest(f"Expected `str`, got `{got}` - at `$.{where}.{key}`", param=f"{where}.{key}")
 
 
 def error_body(exc: errors.FirstError) -> dict:

@@ -9,6 +9,7 @@ import openai
 import pytest
 
 MESSAGES = [{"role": "user", "content": "tell me about the cluster"}]
+JSON = {"Content-Type": "application/json"}  # the gateway takes no other body (415)
 
 
 async def test_streamed_chat_matches_the_whole_answer(oai):
@@ -78,7 +79,7 @@ async def test_ill_typed_field_is_400_naming_it(oai):
 async def test_bad_requests_get_openai_errors(sim_stack, method, path, body, status, code):
     async with (
         aiohttp.ClientSession() as http,
-        http.request(method, sim_stack.base_url + path, data=body) as r,
+        http.request(method, sim_stack.base_url + path, data=body, headers=JSON) as r,
     ):
         payload = await r.json()
     assert r.status == status
@@ -131,3 +132,54 @@ async def test_clients_sending_the_same_request_id_do_not_collide(sim_stack):
     assert [status for status, _, _ in results] == [200] * 4
     assert len({rid for _, rid, _ in results}) == 4
     assert all(payload["usage"]["completion_tokens"] == 3 for _, _, payload in results)
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "param"),
+    [
+        (b'{"model": "sim/hot", "messages": [{"role": "user", "content": "\xff\xfe"}]}', JSON, 400, None),
+        (
+            b'{"model": "sim/hot", "messages": [{"role": "user"}], "x": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+            JSON,
+            400,
+            None,
+        ),
+        (
+            b'{"model": "sim/hot", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}',
+            JSON,
+            400,
+            "messages[0].content[0].text",
+        ),
+        (
+            b'{"model": "sim/hot", "messages": [{"role": "user"}], "max_tokens": ' + b"1" * 31 + b"}",
+            JSON,
+            400,
+            "max_tokens",
+        ),
+        (b'{"model": "sim/hot", "messages": [{"role": "user", "content": "hi"}]}', {}, 415, None),
+        (
+            b'{"model": "sim/hot", "messages": [{"role": "user", "content": "hi"}]}',
+            {"Content-Type": "text/plain"},
+            415,
+            None,
+        ),
+    ],
+    ids=[
+        "invalid-utf8",
+        "deep-nesting",
+        "numeric-text-part",
+        "huge-max-tokens",
+        "no-content-type",
+        "text-plain",
+    ],
+)
+async def test_hostile_bodies_get_4xx_not_5xx(sim_stack, body, headers, status, param):
+    """Each of these once answered 500 or 502, or went through to the engine."""
+    async with (
+        aiohttp.ClientSession(skip_auto_headers=["Content-Type"]) as http,
+        http.post(sim_stack.base_url + "/v1/chat/completions", data=body, headers=headers) as r,
+    ):
+        payload = await r.json()
+    assert r.status == status
+    assert set(payload["error"]) == {"message", "type", "param", "code"}
+    assert payload["error"]["param"] == param
