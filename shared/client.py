@@ -10,6 +10,11 @@ The gateway uses it too, so HTTP and NATS callers take exactly the same path::
             ...
     result = await client.complete("m", "chat", body)   # or all at once
 
+The client keeps each request alive through failures: it watches the heartbeats of whoever
+holds the request (a router while it waits, a worker while it runs) and submits it again, under
+a new attempt number, when that party dies before the answer has begun. Messages of any other
+attempt are ignored (and a run that should not exist is cancelled), so a caller sees one answer.
+
 Leaving ``open`` before the answer is done (an exception, a cancelled task) cancels the request
 wherever it is: in a router's queue or on a worker's engine.
 """
@@ -20,6 +25,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -30,7 +36,11 @@ from nats.aio.client import Client as NATS
 
 from shared import errors, schema
 from shared.lifecycle import Lifecycle
+from shared.liveness import Watches
 from shared.subjects import Subjects
+from shared.supervise import Throttle, every, guarded
+
+_TICK_S = 0.1
 
 
 def new_id() -> str:
@@ -47,49 +57,89 @@ class Completion:
     worker_id: str = ""
 
 
+class _Signal:
+    """Something the client itself puts in a request's queue (not a message from NATS), about the
+    attempt that was current when it was put there."""
+
+    def __init__(self, kind: str, reason: str = "", attempt: int = 0):
+        self.kind, self.reason, self.attempt = kind, reason, attempt
+
+
+_KEEPALIVE = _Signal("keepalive")
+
+
+@dataclass(eq=False)
+class _Call:
+    request: schema.InferRequest
+    queue: asyncio.Queue
+    deadline: float  # its answer must have begun by then (queues, cold starts and engine queues count)
+    keepalive_s: float | None
+    holder: str = ""  # the heartbeat subject of the router or worker holding it; "" while submitted
+    submitted_at: float = 0.0
+    started: schema.Started | None = None
+    seq: int = 0
+    text_seen: bool = False  # text was handed to the caller: no more transparent re-runs
+    began: bool = False  # text has arrived (the deadline is met; from now on, silence is a stall)
+    last_message: float = 0.0
+    last_delivered: float = 0.0
+    buffered: int = 0  # bytes of Chunks received and not yet read by the caller
+    sizes: deque[int] = field(default_factory=deque)
+    overflowed: bool = False
+    done: bool = False
+
+    def put(self, item: object) -> None:
+        self.queue.put_nowait(item)
+
+    def signal(self, kind: str, reason: str = "") -> None:
+        self.queue.put_nowait(_Signal(kind, reason, self.request.attempt))
+
+
 class Answer:
-    """The stream of one request's Chunks. Iterate it; ``started`` tells which worker serves it."""
+    """The stream of one request's Chunks. Iterate it; ``started`` tells which worker serves it.
+    Opened with ``keepalive_s``, it also yields None after each such stretch without a Chunk."""
 
-    def __init__(self, client: FirstClient, request_id: str, queue: asyncio.Queue):
-        self.request_id = request_id
-        self.started: schema.Started | None = None
-        self.done = False
-        self._client = client
-        self._queue = queue
-        self._seq = 0
+    def __init__(self, client: FirstClient, call: _Call):
+        self.request_id = call.request.request_id
+        self._client, self._call = client, call
 
-    def __aiter__(self) -> AsyncIterator[schema.Chunk]:
+    @property
+    def started(self) -> schema.Started | None:
+        return self._call.started
+
+    @property
+    def done(self) -> bool:
+        return self._call.done
+
+    def __aiter__(self) -> AsyncIterator[schema.Chunk | None]:
         return self._iter()
 
-    async def _iter(self) -> AsyncIterator[schema.Chunk]:
-        while not self.done:
-            msg = await self._next()
-            match msg:
-                case schema.Started():
-                    self.started = msg
-                case schema.Chunk():
-                    if msg.seq != self._seq:
-                        raise errors.EngineError(
-                            f"part of the answer was lost (got chunk {msg.seq}, expected {self._seq})"
-                        )
-                    self._seq += 1
-                    self.done = msg.done
-                    yield msg
-                case schema.Error():
-                    self.done = True
-                    raise errors.from_wire(msg)
-
-    async def _next(self) -> schema.StreamMsg:
-        c = self._client
-        # Before a worker starts, the request may wait in a queue and behind a cold start.
-        timeout = c.stall_timeout_s if self.started else c.request_timeout_s
-        try:
-            async with asyncio.timeout(timeout):
-                return await self._queue.get()
-        except TimeoutError:
-            if self.started:
-                raise errors.EngineTimeout(f"the engine sent nothing for {timeout:g} s") from None
-            raise errors.EngineTimeout(f"no worker answered within {timeout:g} s") from None
+    async def _iter(self) -> AsyncIterator[schema.Chunk | None]:
+        call, client = self._call, self._client
+        while not call.done:
+            item = await call.queue.get()
+            if isinstance(item, schema.Chunk):
+                call.buffered -= call.sizes.popleft()
+                if item.attempt != call.request.attempt:
+                    continue  # queued before the request was submitted again
+                if item.seq != call.seq:
+                    await client._lost(
+                        call, f"part of the answer was lost (chunk {item.seq}, expected {call.seq})"
+                    )
+                    continue
+                call.seq += 1
+                call.done = item.done
+                if not call.text_seen and any(d.text for d in item.deltas):
+                    call.text_seen = True
+                yield item
+            elif isinstance(item, schema.Error):
+                if item.attempt != call.request.attempt:
+                    continue
+                call.done = True
+                raise errors.from_wire(item)
+            elif item is _KEEPALIVE:
+                yield None
+            elif item.attempt == call.request.attempt:
+                await client._signal(call, item)
 
 
 class FirstClient(Lifecycle):
@@ -102,15 +152,25 @@ class FirstClient(Lifecycle):
         accept_timeout_s: float = 5.0,
         request_timeout_s: float = 600.0,
         stall_timeout_s: float = 120.0,
+        missed_heartbeats: int = 3,
+        max_attempts: int = 4,
+        max_buffered_bytes: int = 8 << 20,
     ):
         self.nc = nc
         self.subjects = subjects
         self.client_id = client_id or new_id()
-        self.accept_timeout_s = accept_timeout_s
-        self.request_timeout_s = request_timeout_s
-        self.stall_timeout_s = stall_timeout_s
-        self._streams: dict[str, asyncio.Queue] = {}
+        self.accept_timeout_s = accept_timeout_s  # a submission nobody took up within this is sent again
+        self.request_timeout_s = request_timeout_s  # until the answer begins (all waiting included)
+        self.stall_timeout_s = stall_timeout_s  # silence allowed once text has begun
+        self.max_attempts = max_attempts
+        self.max_buffered_bytes = max_buffered_bytes  # a caller reading slower than this is cut off
+        self._calls: dict[str, _Call] = {}
+        self._watches = Watches(nc, missed_heartbeats)
+        self._prefix = self.subjects.reply_stream(self.client_id, "x")[:-1]
         self._sub = None
+        self._task: asyncio.Task | None = None
+        self._paused = False
+        self._noise = Throttle()
         self._log = structlog.get_logger()
 
     @property
@@ -122,22 +182,20 @@ class FirstClient(Lifecycle):
             self._sub = await self.nc.subscribe(
                 self.subjects.reply_stream_all(self.client_id), cb=self._on_reply
             )
+            self._task = asyncio.create_task(every(_TICK_S, self._watchdog, name="client"), name="client")
 
     async def stop(self) -> None:
         if self._sub is not None:
             sub, self._sub = self._sub, None
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
+            if self._task is not None:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+            await self._watches.close()
 
-    async def _on_reply(self, msg) -> None:
-        request_id = msg.subject.rsplit(".", 1)[-1]
-        queue = self._streams.get(request_id)
-        if queue is None:
-            return  # the caller has gone; late messages are dropped
-        try:
-            queue.put_nowait(schema.stream_decoder.decode(msg.data))
-        except msgspec.DecodeError as exc:
-            queue.put_nowait(schema.Error(request_id, "engine_error", f"undecodable message: {exc}", 502))
+    # --- sending -------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def open(
@@ -148,9 +206,13 @@ class FirstClient(Lifecycle):
         *,
         request_id: str | None = None,
         queue_timeout_s: float = 0.0,
+        keepalive_s: float | None = None,
     ) -> AsyncIterator[Answer]:
         """Send the request; yield its Answer. Raises FirstError subclasses for every failure."""
         request_id = request_id or new_id()
+        if request_id in self._calls:
+            raise errors.Conflict(f"request id {request_id} is already in flight on this client")
+        now = time.monotonic()
         request = schema.InferRequest(
             request_id=request_id,
             model=model,
@@ -160,41 +222,204 @@ class FirstClient(Lifecycle):
             created=time.time(),
             queue_timeout_s=queue_timeout_s,
         )
-        data = schema.encode(request)
+        call = _Call(request, asyncio.Queue(), now + self.request_timeout_s, keepalive_s, last_delivered=now)
+        self._calls[request_id] = call
+        submitted = False
+        try:
+            await self._submit(call)
+            submitted = True
+            yield Answer(self, call)
+        finally:
+            del self._calls[request_id]
+            if call.holder:
+                self._watches.release(call.holder, request_id)
+            if submitted and not call.done:
+                await self._cancel(call, "client")
+
+    async def _submit(self, call: _Call) -> None:
+        data = schema.encode(call.request)
         if len(data) > self.max_payload:
             raise errors.PayloadTooLarge(
                 f"request is {len(data)} bytes; the NATS server accepts at most {self.max_payload}"
             )
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = queue
-        answer = Answer(self, request_id, queue)
+        call.holder, call.submitted_at = "", time.monotonic()
         try:
-            await self._submit(request_id, data)
-            yield answer
-        finally:
-            self._streams.pop(request_id, None)
-            if not answer.done:
-                await self.cancel(request_id)
+            # The reply subject is the request's own stream: a router's refusal comes there, and so
+            # does NATS's "no responders" when no router is running.
+            await self.nc.publish(self.subjects.infer, data, reply=call.request.reply_to)
+        except nats.errors.Error as exc:
+            raise _bus_trouble(exc) from None
 
-    async def _submit(self, request_id: str, data: bytes) -> None:
-        try:
-            msg = await self.nc.request(self.subjects.infer, data, timeout=self.accept_timeout_s)
-        except nats.errors.NoRespondersError:
-            raise errors.NoCapacity("no router is running", retry_after_s=5.0) from None
-        except nats.errors.TimeoutError:
-            raise errors.NoCapacity("no router answered in time", retry_after_s=5.0) from None
-        reply = schema.router_reply_decoder.decode(msg.data)
-        if isinstance(reply, schema.Error):
-            raise errors.from_wire(reply)
+    async def _resubmit(self, call: _Call, reason: str) -> None:
+        """Send the request again under the next attempt number; the old attempt is forgotten."""
+        request = call.request
+        now = time.monotonic()
+        if request.attempt + 1 >= self.max_attempts:
+            raise errors.NoCapacity(f"the request could not be served ({reason})", retry_after_s=5.0)
+        if now >= call.deadline:
+            raise errors.EngineTimeout(f"the answer did not begin within {self.request_timeout_s:g} s")
+        if call.holder:  # whoever may still have the old attempt: drop it
+            await self._cancel(call, "superseded", attempt=request.attempt)
+            self._watches.release(call.holder, request.request_id)
+        call.request = msgspec.structs.replace(request, attempt=request.attempt + 1)
+        call.started, call.seq, call.began = None, 0, False
+        self._log.info(
+            "request_resubmitted", request_id=request.request_id, attempt=request.attempt + 1, reason=reason
+        )
+        await self._submit(call)
+
+    async def _cancel(self, call: _Call, reason: str, *, attempt: int | None = None) -> None:
+        request = call.request
+        cancel = schema.Cancel(request.request_id, reason, attempt)
+        if call.started is not None:  # the worker runs it: tell that worker only
+            cancel.attempt = request.attempt
+            subject = self.subjects.worker_cancel(call.started.worker_id)
+        else:  # a router holds it, or is handing it over: routers pass it on
+            subject = self.subjects.cancel
+        with contextlib.suppress(nats.errors.Error):
+            await self.nc.publish(subject, schema.encode(cancel))
 
     async def cancel(self, request_id: str, reason: str = "client") -> None:
+        """Stop one of this client's requests wherever it is."""
+        if (call := self._calls.get(request_id)) is not None:
+            call.done = True
+            await self._cancel(call, reason)
+
+    # --- receiving -----------------------------------------------------------------------------
+
+    @guarded
+    async def _on_reply(self, msg) -> None:
+        call = self._calls.get(msg.subject[len(self._prefix) :])
+        if msg.headers and msg.headers.get("Status") == "503":  # no router took the submission
+            if call is not None and not call.holder:
+                call.signal("no_router")
+            return
+        try:
+            m = schema.stream_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            if self._noise(msg.subject):
+                self._log.warning("undecodable_reply", subject=msg.subject)
+            return  # what matters is kept in order by seq: a lost real message shows as a gap
+        if call is None or m.attempt != call.request.attempt:
+            if isinstance(m, schema.Started):  # a run nobody waits for
+                await self._stop_run(m, "orphaned")
+            return
+        now = time.monotonic()
+        call.last_message = now
+        match m:
+            case schema.Chunk():
+                if call.overflowed:
+                    return
+                call.buffered += len(msg.data)
+                if call.buffered > self.max_buffered_bytes:
+                    call.overflowed = True
+                    await self._cancel(call, "reader too slow")
+                    call.signal("overflow")
+                    return
+                call.last_delivered = now
+                if not call.began:
+                    call.began = any(d.text for d in m.deltas) or m.done
+                call.sizes.append(len(msg.data))
+                call.put(m)
+            case schema.Started():
+                if call.started is not None:  # a second run of one attempt: keep the first
+                    if m.worker_id != call.started.worker_id:
+                        await self._stop_run(m, "duplicate")
+                    return
+                call.started = m
+                run = schema.run_key(m.request_id, m.attempt)
+                await self._hold(call, self.subjects.worker_runs(m.worker_id), m.interval_s, run)
+            case schema.Accepted():
+                if call.started is None:
+                    await self._hold(call, self.subjects.router_heartbeat(m.router_id), m.interval_s)
+            case schema.Retry():
+                if call.started is None:
+                    call.signal("retry", m.reason)
+            case schema.Error():
+                call.put(m)
+
+    async def _hold(self, call: _Call, subject: str, interval_s: float, run: str = "") -> None:
+        if call.holder and call.holder != subject:
+            self._watches.release(call.holder, call.request.request_id)
+        call.holder = subject
+        await self._watches.hold(subject, interval_s, call.request.request_id, run)
+
+    async def _stop_run(self, started: schema.Started, reason: str) -> None:
+        cancel = schema.Cancel(started.request_id, reason, started.attempt)
         with contextlib.suppress(nats.errors.Error):
-            await self.nc.publish(self.subjects.cancel, schema.encode(schema.Cancel(request_id, reason)))
+            await self.nc.publish(self.subjects.worker_cancel(started.worker_id), schema.encode(cancel))
+
+    async def _signal(self, call: _Call, signal: _Signal) -> None:
+        """Act on what the watchdog or the reply handler put in the queue (in the caller's task)."""
+        match signal.kind:
+            case "retry":
+                await self._resubmit(call, signal.reason or "its holder gave it back")
+            case "lost":
+                await self._lost(call, signal.reason)
+            case "no_router":
+                call.done = True
+                raise errors.NoCapacity("no router is running", retry_after_s=5.0)
+            case "timeout":  # not done: leaving ``open`` cancels the request wherever it waits
+                raise errors.EngineTimeout(f"the answer did not begin within {self.request_timeout_s:g} s")
+            case "stalled":
+                raise errors.EngineTimeout(f"the engine sent nothing for {self.stall_timeout_s:g} s")
+            case "overflow":
+                call.done = True
+                raise errors.EngineError("the answer came faster than it was read; the request was stopped")
+
+    async def _lost(self, call: _Call, reason: str) -> None:
+        """The answer cannot go on as it was: run it again if the caller has seen no text yet."""
+        if call.text_seen:
+            call.done = True
+            await self._cancel(call, "lost")
+            raise errors.EngineError(f"{reason}; the answer is incomplete")
+        await self._resubmit(call, reason)
+
+    async def _watchdog(self) -> None:
+        if not self.nc.is_connected:
+            self._paused = True  # nobody can be heard now; judge nobody
+            return
+        now = time.monotonic()
+        if self._paused:
+            self._paused = False
+            self._watches.resume()
+            for call in self._calls.values():
+                call.submitted_at = now
+                if call.holder and call.started is None and not call.done:
+                    # What its router said meanwhile (a dispatch, a refusal) may be lost: ask again.
+                    call.signal("retry", "the connection to NATS was lost while a router held it")
+        for subject, request_ids, why in await self._watches.sweep():
+            for rid in request_ids:
+                if (call := self._calls.get(rid)) is not None and call.holder == subject and not call.done:
+                    if why == "silent":
+                        what = "worker" if call.started else "router"
+                        call.signal("lost", f"the {what} holding the request stopped answering")
+                    else:
+                        call.signal("lost", "the worker's answer went astray")
+        for call in self._calls.values():
+            if call.done:
+                continue
+            if not call.holder and call.submitted_at and now - call.submitted_at > self.accept_timeout_s:
+                call.submitted_at = 0.0  # once
+                call.signal("retry", f"no router took the request within {self.accept_timeout_s:g} s")
+            elif not call.began and now > call.deadline:
+                call.deadline = float("inf")
+                call.signal("timeout")
+            elif call.began and now - call.last_message > self.stall_timeout_s:
+                call.last_message = now
+                call.signal("stalled")
+            if call.keepalive_s is not None and now - call.last_delivered >= call.keepalive_s:
+                call.last_delivered = now
+                call.put(_KEEPALIVE)
+
+    # --- convenience ---------------------------------------------------------------------------
 
     async def complete(self, model: str, endpoint: schema.Endpoint, body: bytes, **kw) -> Completion:
         result = Completion()
         async with self.open(model, endpoint, body, **kw) as answer:
             async for chunk in answer:
+                if chunk is None:
+                    continue
                 for d in chunk.deltas:
                     result.texts[d.index] = result.texts.get(d.index, "") + d.text
                     if d.finish_reason is not None:
@@ -214,4 +439,12 @@ class FirstClient(Lifecycle):
             raise errors.NoCapacity("no router is running", retry_after_s=5.0) from None
         except nats.errors.TimeoutError:
             raise errors.NoCapacity("no router answered in time", retry_after_s=5.0) from None
+        except nats.errors.Error as exc:
+            raise _bus_trouble(exc) from None
         return schema.status_reply_decoder.decode(msg.data)
+
+
+def _bus_trouble(exc: nats.errors.Error) -> errors.FirstError:
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return errors.PayloadTooLarge("the request is larger than the NATS server accepts")
+    return errors.NoCapacity(f"the message bus is unavailable ({type(exc).__name__})", retry_after_s=2.0)

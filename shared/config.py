@@ -38,8 +38,13 @@ class GatewayConfig(_Cfg):
     max_body_bytes: PosInt = 1024 * 1024
     # How long a request may wait for its first answer (queue and cold start included) before 503/504.
     request_timeout_s: PosFloat = 600.0
-    # How long a started answer may go silent before the gateway gives up with 504.
+    # How long a started answer may go silent, once text has begun, before the gateway gives up with 504.
     stall_timeout_s: PosFloat = 120.0
+    # A streamed request that waits this long (queue, cold start, engine queue) gets its SSE headers
+    # and a comment line every sse_keepalive_s, so proxies with read timeouts keep the connection.
+    sse_keepalive_s: PosFloat = 5.0
+    # A streaming client that falls this far behind its answer is cut off (the request is stopped).
+    max_buffered_bytes: PosInt = 8 * 1024 * 1024
     # A connection must send a whole request head (request line and headers) within this, counted
     # from its opening or from the first byte of a later request on it; otherwise it is closed.
     header_timeout_s: PosFloat = 10.0
@@ -53,10 +58,13 @@ class GatewayConfig(_Cfg):
 
 class RouterConfig(_Cfg):
     queue_timeout_s: PosFloat = 300.0  # held requests get 503 + Retry-After after this
-    max_queue: PosInt = 1024  # per model; beyond it, 503 at once
+    # Per model, over all routers (each adds what the others last reported in Demand); beyond it, 503.
+    max_queue: PosInt = 1024
     retry_after_s: PosFloat = 5.0
     dispatch_timeout_s: PosFloat = 2.0  # a worker that does not answer a dispatch in time is skipped
-    missed_heartbeats: PosInt = 3  # a worker is forgotten after this many intervals of silence
+    # A worker (and, for callers, a router) is given up after this many intervals of silence.
+    missed_heartbeats: PosInt = 3
+    heartbeat_s: PosFloat = 1.0  # routers' own heartbeats, watched by callers whose requests they hold
 
 
 class ScalerConfig(_Cfg):

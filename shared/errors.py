@@ -19,7 +19,7 @@ class FirstError(Exception):
         self.param = param
         self.retry_after_s = retry_after_s
 
-    def to_wire(self, request_id: str) -> schema.Error:
+    def to_wire(self, request_id: str, attempt: int = 0) -> schema.Error:
         return schema.Error(
             request_id=request_id,
             code=self.code,
@@ -27,6 +27,7 @@ class FirstError(Exception):
             status=self.status,
             param=self.param,
             retry_after_s=self.retry_after_s,
+            attempt=attempt,
         )
 
 
@@ -44,6 +45,14 @@ class NotFound(FirstError):
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class Conflict(FirstError):
+    """The request id is already in use (a NATS-native caller reused it): pick a new one."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "duplicate_request"
 
 
 class PayloadTooLarge(FirstError):
@@ -79,6 +88,7 @@ _BY_CODE: dict[str, type[FirstError]] = {
         BadRequest,
         NotFound,
         ModelNotFound,
+        Conflict,
         PayloadTooLarge,
         NoCapacity,
         EngineError,

@@ -5,12 +5,16 @@ new fields get defaults, existing field types never change, unknown fields are i
 (no Struct here forbids them), and incompatible changes get a new protocol version in the
 subjects (see ``shared.subjects.PROTOCOL``).
 
+Everything decoded from NATS is untrusted: ids that end up inside subjects, counts and intervals
+carry constraints, so a malformed or hostile message fails to decode at the edge instead of
+breaking a service later.
+
 docs/protocol.md documents each subject and the messages it carries.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -18,6 +22,17 @@ Endpoint = Literal["chat", "completion"]
 WorkerState = Literal["starting", "loading", "ready", "draining", "stopped"]
 NodeState = Literal["requested", "running", "failed", "stopping", "stopped"]
 ModelState = Literal["live", "starting", "queued", "offline"]
+
+# A single subject token (worker ids, cluster names, request ids) and a whole subject.
+Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+Subject = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){0,15}$", max_length=512)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000)]
+Attempt = Annotated[int, msgspec.Meta(ge=0, le=1000)]
+Capacity = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=1e9)]  # NaN and infinities fail too
+Interval = Annotated[float, msgspec.Meta(gt=0, le=3600)]
+Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
+ShortText = Annotated[str, msgspec.Meta(max_length=4096)]
 
 
 class _Msg(msgspec.Struct, tag_field="kind", omit_defaults=True):
@@ -30,82 +45,106 @@ class _Msg(msgspec.Struct, tag_field="kind", omit_defaults=True):
 class InferRequest(_Msg, tag="infer"):
     """One OpenAI request. ``body`` is the client's JSON exactly as sent; only the engine reads it."""
 
-    request_id: str
-    model: str
+    request_id: Token
+    model: Annotated[str, msgspec.Meta(max_length=256)]
     endpoint: Endpoint
     body: bytes
-    reply_to: str  # stream subject: routers and the worker send Accepted/Started/Chunk/Error here
-    created: float  # unix seconds, set by the client
-    queue_timeout_s: float = 0.0  # 0: the router's default
+    reply_to: Subject  # the caller's stream subject: Accepted/Retry/Started/Chunk/Error go here
+    created: float  # unix seconds, set by the client when it first sent the request
+    queue_timeout_s: Seconds = 0.0  # 0: the router's default
+    attempt: Attempt = 0  # 0, 1, 2 …: the caller's n-th submission of this request (see Retry)
 
 
 class Cancel(_Msg, tag="cancel"):
-    request_id: str
-    reason: str = "client"
+    """Stop a request. Sent to every router (``<p>.v1.cancel``) or to one worker."""
 
-
-class Accepted(_Msg, tag="accepted"):
-    """The router's NATS reply to an InferRequest on ``<prefix>.v1.infer`` (not sent on reply_to):
-    it holds the request (queued) or has dispatched it."""
-
-    request_id: str
-    router_id: str
-    queued: int = 0  # position in the model's queue; 0 means dispatched at once
+    request_id: Token
+    reason: ShortText = "client"
+    attempt: Attempt | None = None  # None: every attempt
 
 
 class DispatchReply(_Msg, tag="dispatch_reply"):
-    """The worker's reply to the router: accepted means the worker now owns the request."""
+    """The worker's reply to a router's dispatch: accepted means the worker now owns the request."""
 
     accepted: bool
-    reason: str = ""  # CANCELLED: the caller has gone; drop the request rather than try elsewhere
+    reason: ShortText = ""  # CANCELLED: the caller has gone; DUPLICATE: this attempt already ran here
+    in_flight: Count = 0  # the worker's requests after this decision: routers correct their count
 
 
 CANCELLED = "cancelled"
+DUPLICATE = "duplicate request"
 
 
 # --- the answer stream: router/worker -> client on InferRequest.reply_to -----------------------
 
 
+class Accepted(_Msg, tag="accepted"):
+    """A router holds the request (no worker could take it at once). It sends heartbeats on
+    ``<p>.v1.router.<router_id>.heartbeat`` while it lives; the caller watches them."""
+
+    request_id: Token
+    router_id: Token
+    queued: Count = 0  # position in the model's queue
+    interval_s: Interval = 1.0  # the router's heartbeat interval
+    attempt: Attempt = 0
+
+
+class Retry(_Msg, tag="retry"):
+    """The holder gave the request up without running it (a dispatch that went unanswered, a
+    router shutting down, a worker stopping before its first token): submit it again with
+    ``attempt + 1``. A caller bound to a started run of this attempt ignores it."""
+
+    request_id: Token
+    attempt: Attempt = 0
+    reason: ShortText = ""
+
+
 class Usage(msgspec.Struct, omit_defaults=True):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    prompt_tokens: Count = 0
+    completion_tokens: Count = 0
 
 
 class Delta(msgspec.Struct, omit_defaults=True):
     """Text for one choice. Several deltas in one Chunk are several engine tokens packed together."""
 
     text: str = ""
-    index: int = 0
+    index: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
     finish_reason: str | None = None
 
 
 class Started(_Msg, tag="started"):
-    request_id: str
-    worker_id: str
-    cluster: str
+    """A worker runs the request. It lists its runs on ``<p>.v1.worker.<worker_id>.runs`` every
+    ``interval_s``; the caller watches them until the answer ends."""
+
+    request_id: Token
+    worker_id: Token
+    cluster: Token
+    interval_s: Interval = 2.0
+    attempt: Attempt = 0
 
 
 class Chunk(_Msg, tag="chunk"):
-    request_id: str
-    seq: int  # 0, 1, 2 … per request: a gap means a lost message
+    request_id: Token
+    seq: Count  # 0, 1, 2 … per run: a gap means a lost message
     deltas: list[Delta] = msgspec.field(default_factory=list)
     usage: Usage | None = None
     done: bool = False  # the last message of a successful answer
+    attempt: Attempt = 0
 
 
 class Error(_Msg, tag="error"):
     """A failed request. ``code`` is stable (see shared.errors); ``status`` is the HTTP status it maps to."""
 
     request_id: str
-    code: str
-    message: str
-    status: int = 500
-    param: str | None = None
-    retry_after_s: float | None = None
+    code: ShortText
+    message: ShortText
+    status: Annotated[int, msgspec.Meta(ge=400, le=599)] = 500
+    param: ShortText | None = None
+    retry_after_s: Seconds | None = None
+    attempt: Attempt = 0
 
 
-RouterReply = Accepted | Error
-StreamMsg = Started | Chunk | Error
+StreamMsg = Accepted | Retry | Started | Chunk | Error
 
 
 # --- control plane ----------------------------------------------------------------------------
@@ -114,33 +153,59 @@ StreamMsg = Started | Chunk | Error
 class EngineLoad(msgspec.Struct, omit_defaults=True):
     """The engine's own view of its load, where it reports one (vLLM's /metrics, the simulator)."""
 
-    running: int | None = None
-    waiting: int | None = None
-    kv_cache_usage: float | None = None
+    running: Count | None = None
+    waiting: Count | None = None
+    kv_cache_usage: Fraction | None = None
 
 
 class Heartbeat(_Msg, tag="heartbeat"):
-    worker_id: str
-    cluster: str
-    model: str
+    worker_id: Token
+    cluster: Token
+    model: Annotated[str, msgspec.Meta(max_length=256)]
     state: WorkerState
-    capacity: int
-    in_flight: int
-    interval_s: float  # the next heartbeat comes within this; routers forget a worker after a few misses
-    idle_s: float = 0.0  # seconds since the last request ended; 0 while busy
+    capacity: Capacity
+    in_flight: Count
+    interval_s: Interval  # the next heartbeat comes within this; routers forget a worker after a few misses
+    idle_s: Seconds = 0.0  # seconds since the last request ended; 0 while busy
     engine: EngineLoad = msgspec.field(default_factory=EngineLoad)
-    node_id: str = ""
+    node_id: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    sent: float = 0.0
+
+
+class RunsBeat(_Msg, tag="runs"):
+    """The runs a worker holds, every heartbeat interval while it holds any (and once more after
+    the last ends). Callers whose requests it runs watch these instead of the worker's heartbeat:
+    a run missing from them, whose answer never came, was lost (its end went astray in a NATS
+    outage, say), and its caller runs it again or reports the loss."""
+
+    worker_id: Token
+    interval_s: Interval
+    runs: Annotated[list[str], msgspec.Meta(max_length=100_000)] = msgspec.field(default_factory=list)
+    sent: float = 0.0
+
+
+def run_key(request_id: str, attempt: int) -> str:
+    """How a run is named in RunsBeat.runs."""
+    return f"{request_id}:{attempt}"
+
+
+class RouterBeat(_Msg, tag="router_heartbeat"):
+    """A router is alive; callers whose requests it holds watch these."""
+
+    router_id: Token
+    interval_s: Interval
+    held: Count = 0
     sent: float = 0.0
 
 
 class Demand(_Msg, tag="demand"):
     """Requests one router holds for a model because no worker could take them."""
 
-    router_id: str
-    model: str
-    queued: int
-    oldest_wait_s: float = 0.0
-    interval_s: float = 1.0
+    router_id: Token
+    model: Annotated[str, msgspec.Meta(max_length=256)]
+    queued: Count
+    oldest_wait_s: Seconds = 0.0
+    interval_s: Interval = 1.0
 
 
 class NodeEvent(_Msg, tag="node_event"):
@@ -150,6 +215,24 @@ class NodeEvent(_Msg, tag="node_event"):
     provider: str
     state: NodeState
     reason: str = ""
+    sent: float = 0.0
+
+
+class UsageRecord(_Msg, tag="usage"):
+    """One run of a request on a worker, whatever its outcome: the tokens it produced so far."""
+
+    request_id: Token
+    model: str
+    endpoint: Endpoint
+    worker_id: Token
+    cluster: Token
+    outcome: str  # "ok", "cancelled", or the error code
+    prompt_tokens: Count = 0
+    completion_tokens: Count = 0
+    ttft_s: Seconds | None = None  # first token after the worker took the request
+    duration_s: Seconds = 0.0
+    attempt: Attempt = 0
+    created: float = 0.0  # when the caller first sent the request
     sent: float = 0.0
 
 
@@ -184,12 +267,14 @@ encoder = msgspec.msgpack.Encoder()
 encode = encoder.encode
 
 infer_decoder = msgspec.msgpack.Decoder(InferRequest)
-router_reply_decoder = msgspec.msgpack.Decoder(RouterReply)
 dispatch_reply_decoder = msgspec.msgpack.Decoder(DispatchReply)
 stream_decoder = msgspec.msgpack.Decoder(StreamMsg)
 cancel_decoder = msgspec.msgpack.Decoder(Cancel)
 heartbeat_decoder = msgspec.msgpack.Decoder(Heartbeat)
+router_beat_decoder = msgspec.msgpack.Decoder(RouterBeat)
+runs_beat_decoder = msgspec.msgpack.Decoder(RunsBeat)
 demand_decoder = msgspec.msgpack.Decoder(Demand)
 node_event_decoder = msgspec.msgpack.Decoder(NodeEvent)
+usage_decoder = msgspec.msgpack.Decoder(UsageRecord)
 status_request_decoder = msgspec.msgpack.Decoder(StatusRequest)
 status_reply_decoder = msgspec.msgpack.Decoder(StatusReply)

@@ -46,14 +46,43 @@ class Subjects:
     def infer(self) -> str:
         return f"{self.root}.infer"
 
-    # Router -> one worker. Request/reply: the worker accepts or refuses.
+    # Router -> one worker, with a reply subject from router_ack: the worker accepts or refuses.
     def worker_infer(self, worker_id: str) -> str:
         return f"{self.root}.worker.{check_token(worker_id, 'worker id')}.infer"
 
-    # Anyone -> routers and workers: stop this request wherever it is.
+    # Caller or router -> one worker: stop a run there.
+    def worker_cancel(self, worker_id: str) -> str:
+        return f"{self.root}.worker.{check_token(worker_id, 'worker id')}.cancel"
+
+    # Worker -> callers it runs requests for: RunsBeat, its liveness and what it holds.
+    def worker_runs(self, worker_id: str) -> str:
+        return f"{self.root}.worker.{check_token(worker_id, 'worker id')}.runs"
+
+    @property
+    def worker_cancel_all(self) -> str:
+        return f"{self.root}.worker.*.cancel"
+
+    # Caller -> every router (no queue group): stop this request; a router that handed it to a
+    # worker passes the cancel on.
     @property
     def cancel(self) -> str:
         return f"{self.root}.cancel"
+
+    # Worker -> the router that dispatched: the DispatchReply for dispatch number ``n``.
+    def router_ack(self, router_id: str, n: int) -> str:
+        return f"{self.root}.router.{check_token(router_id, 'router id')}.ack.{n:d}"
+
+    def router_ack_all(self, router_id: str) -> str:
+        return f"{self.root}.router.{check_token(router_id, 'router id')}.ack.*"
+
+    # Router -> callers whose requests it holds: it is alive.
+    def router_heartbeat(self, router_id: str) -> str:
+        return f"{self.root}.router.{check_token(router_id, 'router id')}.heartbeat"
+
+    # Worker -> accounting and operators: one UsageRecord per run.
+    @property
+    def usage(self) -> str:
+        return f"{self.root}.usage"
 
     # Worker -> routers, scaler, operators.
     def heartbeat(self, cluster: str, worker_id: str) -> str:

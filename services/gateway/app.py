@@ -22,6 +22,8 @@ async def _nats_ctx(app: web.Application):
         Subjects(config.nats.subject_prefix),
         request_timeout_s=config.gateway.request_timeout_s,
         stall_timeout_s=config.gateway.stall_timeout_s,
+        missed_heartbeats=config.router.missed_heartbeats,
+        max_buffered_bytes=config.gateway.max_buffered_bytes,
     )
     await client.start()
     app[keys.NC], app[keys.CLIENT] = nc, client

@@ -10,7 +10,7 @@ from services.gateway import keys
 from services.gateway.body import read_json_body
 from services.gateway.middleware import REQUEST_ID_HEADER, json_response
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, ResponseShape, parse_request
-from services.gateway.sse import ChunkFramer, error_events
+from services.gateway.sse import KEEPALIVE, ChunkFramer, error_events
 from shared import errors, schema
 
 
@@ -38,12 +38,15 @@ async def _infer(
 
     response: web.StreamResponse | None = None
     framer = ChunkFramer(shape)
-    async with client.open(req.model, endpoint, raw, request_id=request_id) as answer:
+    keepalive_s = request.app[keys.CONFIG].gateway.sse_keepalive_s
+    async with client.open(
+        req.model, endpoint, raw, request_id=request_id, keepalive_s=keepalive_s
+    ) as answer:
         try:
             async for chunk in answer:
                 if response is None:
-                    # Headers go out with the first tokens, so queueing and engine errors that
-                    # come earlier still get their own HTTP status.
+                    # Headers go out with the first tokens (or once the wait is long enough to need
+                    # keep-alives), so queueing and engine errors that come earlier keep their status.
                     response = web.StreamResponse(
                         headers={
                             "Content-Type": "text/event-stream",
@@ -52,7 +55,8 @@ async def _infer(
                         }
                     )
                     await response.prepare(request)
-                await response.write(framer.frame(chunk))
+                # None: the answer is still coming (queued, a cold start, the engine's own queue).
+                await response.write(KEEPALIVE if chunk is None else framer.frame(chunk))
         except errors.FirstError as exc:
             if response is None:
                 raise

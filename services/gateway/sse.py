@@ -8,6 +8,7 @@ from services.gateway.protocol import ResponseShape, error_body
 from shared import errors, schema
 
 DONE = b"data: [DONE]\n\n"
+KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see the stream is alive
 
 
 def event(obj: dict) -> bytes:
@@ -21,7 +22,8 @@ def error_events(exc: errors.FirstError) -> bytes:
 
 class ChunkFramer:
     """Turns one request's wire Chunks into SSE bytes: the role first, one finish_reason per choice,
-    the usage chunk (when asked for) last. Packed chunks become several events in one write."""
+    the usage chunk (when asked for) last. Tokens that travelled together in one Chunk become one
+    event per choice (the engine produced them faster than they were sent)."""
 
     def __init__(self, shape: ResponseShape):
         self.shape = shape
@@ -36,13 +38,19 @@ class ChunkFramer:
 
     def frame(self, chunk: schema.Chunk) -> bytes:
         out: list[bytes] = []
+        texts: dict[int, list[str]] = {}
+        finishes: dict[int, str] = {}
         for d in chunk.deltas:
-            self._open(d.index, out)
-            if d.text:
-                out.append(event(self.shape.chunk(d.index, text=d.text)))
-            if d.finish_reason and d.index not in self._finished:
-                self._finished.add(d.index)
-                out.append(event(self.shape.chunk(d.index, finish=d.finish_reason)))
+            texts.setdefault(d.index, []).append(d.text)
+            if d.finish_reason:
+                finishes.setdefault(d.index, d.finish_reason)
+        for index, parts in texts.items():
+            self._open(index, out)
+            if text := "".join(parts):
+                out.append(event(self.shape.chunk(index, text=text)))
+            if (finish := finishes.get(index)) and index not in self._finished:
+                self._finished.add(index)
+                out.append(event(self.shape.chunk(index, finish=finish)))
         if chunk.done:
             self._open(0, out)
             for index in sorted(self._opened - self._finished):

@@ -1,4 +1,8 @@
-"""Requests held for a model until a worker can take them: bounded, first in first out, with deadlines."""
+"""Requests held for a model until a worker can take them: first in first out, with deadlines.
+
+A request that comes back (its caller re-submitted it after losing the router that held it)
+takes its place by the time it was first sent, not at the back of the queue.
+"""
 
 from __future__ import annotations
 
@@ -16,22 +20,26 @@ class Held:
     data: bytes  # the encoded request, forwarded to the worker as is
     enqueued: float
     deadline: float
+    announced: bool = False  # the caller was told (Accepted) that this router holds it
+    dispatches: int = 0  # how often this router has sent it to a worker
 
 
 @dataclass
 class ModelQueue:
-    max_len: int
     clock: Callable[[], float] = time.monotonic
     items: deque[Held] = field(default_factory=deque)
 
     def __len__(self) -> int:
         return len(self.items)
 
-    @property
-    def full(self) -> bool:
-        return len(self.items) >= self.max_len
-
     def push(self, held: Held) -> int:
+        """Append, or for a re-submitted request, insert by its first submission; returns the position."""
+        created = held.request.created
+        if held.request.attempt and self.items and self.items[-1].request.created > created:
+            for i, other in enumerate(self.items):
+                if other.request.created > created:
+                    self.items.insert(i, held)
+                    return i + 1
         self.items.append(held)
         return len(self.items)
 
@@ -41,12 +49,13 @@ class ModelQueue:
     def pop(self) -> Held | None:
         return self.items.popleft() if self.items else None
 
-    def remove(self, request_id: str) -> bool:
+    def remove(self, request_id: str, attempt: int | None = None) -> Held | None:
+        """Take out the request (only that attempt of it, if given)."""
         for held in self.items:
-            if held.request.request_id == request_id:
+            if held.request.request_id == request_id and attempt in (None, held.request.attempt):
                 self.items.remove(held)
-                return True
-        return False
+                return held
+        return None
 
     def expired(self) -> list[Held]:
         now = self.clock()
@@ -54,9 +63,6 @@ class ModelQueue:
         for h in gone:
             self.items.remove(h)
         return gone
-
-    def next_deadline(self) -> float | None:
-        return min((h.deadline for h in self.items), default=None)
 
     def oldest_wait(self) -> float:
         return self.clock() - self.items[0].enqueued if self.items else 0.0

@@ -1,6 +1,10 @@
 """The router service: takes requests on a queue group, dispatches them to workers, holds them while cold.
 
-Tokens never pass through here: the worker streams straight to the request's reply subject.
+Dispatch does not wait: the router publishes a request to a worker with a reply subject of its
+own and goes on; the worker's DispatchReply (or NATS's "no responders") comes back on that
+subject. Many requests of one model are on their way at once, and a slow worker or a slow round
+trip delays only its own request. Tokens never pass through here: the worker streams straight
+to the request's reply subject.
 """
 
 from __future__ import annotations
@@ -14,17 +18,27 @@ import msgspec
 import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
-from structlog.contextvars import bound_contextvars
 
+from services.router.dispatch import Dispatches, Pending
 from services.router.holding import Held, ModelQueue
 from services.router.registry import Registry
 from services.router.status import ClusterView
 from shared import config as cfg
 from shared import errors, schema
 from shared.book import RecentIds
+from shared.children import cancel_and_wait
 from shared.connect import unsubscribe
 from shared.lifecycle import Lifecycle
 from shared.subjects import ROUTERS_QUEUE, Subjects
+from shared.supervise import Throttle, every, guarded
+
+_TICK_S = 0.1  # housekeeping: dispatch timeouts, queue deadlines, heartbeats, demand
+_DEMAND_INTERVAL_S = 1.0
+
+
+def _shown(text: str, limit: int = 100) -> str:
+    """User-supplied text echoed in a message, bounded."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 class Router(Lifecycle):
@@ -34,189 +48,269 @@ class Router(Lifecycle):
         self.router_id = router_id or f"router-{uuid.uuid4().hex[:8]}"
         self.registry = Registry(self.settings.missed_heartbeats)
         self.view = ClusterView(config, self.registry, start_timeout_s=config.scaler.start_timeout_s)
-        self.queues = {m.id: ModelQueue(self.settings.max_queue) for m in config.models}
-        self._wake = {m.id: asyncio.Event() for m in config.models}
-        self._published: dict[str, int] = {}
-        self._cancelled = RecentIds()  # the queue length each model's last Demand said
-        self._tasks: list[asyncio.Task] = []
+        self.queues = {m.id: ModelQueue() for m in config.models}
+        self.dispatches = Dispatches(self.settings.dispatch_timeout_s)
+        self._cancelled = RecentIds()
+        self._published: dict[str, int] = {}  # the queue length each model's last Demand said
+        self._ack_prefix = subjects.router_ack(self.router_id, 0)[:-1]
+        self._next_beat = self._next_demand = 0.0
+        self._bad_input = Throttle()
+        self._settled = asyncio.Event()  # no dispatch is waiting for its answer (stop waits for it)
+        self._task = None
         self._subs: list = []
-        self._started = False
+        self._infer_subs: list = []
         self._log = structlog.get_logger().bind(service="router", router_id=self.router_id)
 
     async def start(self) -> None:
-        if self._started:
+        if self._task is not None:
             return
-        self._started = True
         s, nc = self.subjects, self.nc
         self._subs += [
             await nc.subscribe(s.heartbeat_all, cb=self._on_heartbeat),
+            await nc.subscribe(s.router_ack_all(self.router_id), cb=self._on_ack),
             await nc.subscribe(s.cancel, cb=self._on_cancel),
             await nc.subscribe(s.demand, cb=self._on_demand),
             await nc.subscribe(s.node_events, cb=self._on_node_event),
+        ]
+        self._infer_subs += [
             await nc.subscribe(s.infer, queue=ROUTERS_QUEUE, cb=self._on_infer),
             await nc.subscribe(s.status, queue=ROUTERS_QUEUE, cb=self._on_status),
         ]
-        for model in self.queues:
-            self._tasks.append(asyncio.create_task(self._dispatcher(model), name=f"dispatch-{model}"))
-        self._tasks.append(asyncio.create_task(self._housekeeping(), name="router-housekeeping"))
+        self._task = asyncio.create_task(every(_TICK_S, self._housekeeping, name="router"), name="router")
         self._log.info("router_started", models=list(self.queues))
 
     async def stop(self) -> None:
-        if not self._started:
+        """Take nothing new; hand every held request back to its caller (who submits it to another
+        router at once), wait briefly for dispatches on their way, then leave."""
+        if self._task is None:
             return
-        self._started = False
-        await unsubscribe(self._subs)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
-        # Held requests would otherwise wait for a timeout: tell their callers now.
+        await unsubscribe(self._infer_subs)
         for model, queue in self.queues.items():
             while (held := queue.pop()) is not None:
-                await self._reply_error(
-                    held.request, errors.NoCapacity("the router is shutting down", retry_after_s=1)
-                )
+                await self._retry(held, "the router is shutting down")
             await self._publish_demand(model)
+        if len(self.dispatches):
+            self._settled.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.dispatch_timeout_s):
+                    await self._settled.wait()
+        for pending in self.dispatches.expired(all_of_them=True):
+            await self._retry(pending.held, "the router is shutting down")
+        await cancel_and_wait(self._task)
+        self._task = None
+        await unsubscribe(self._subs)
         self._log.info("router_stopped")
 
-    # --- requests ------------------------------------------------------------------------------
+    # --- admission -----------------------------------------------------------------------------
 
+    @guarded
     async def _on_infer(self, msg) -> None:
         try:
             request = schema.infer_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:
-            err = errors.BadRequest(f"undecodable InferRequest: {exc}")
-            await msg.respond(schema.encode(err.to_wire("")))
+            if msg.reply:
+                err = errors.BadRequest(f"undecodable InferRequest: {_shown(str(exc), 300)}")
+                await self._send(msg.reply, err.to_wire(""))
             return
-        with bound_contextvars(request_id=request.request_id):
-            queue = self.queues.get(request.model)
-            if queue is None:
-                known = ", ".join(self.queues) or "none"
-                err = errors.ModelNotFound(
-                    f"The model '{request.model}' does not exist (served here: {known}).", param="model"
-                )
-                await msg.respond(schema.encode(err.to_wire(request.request_id)))
-                return
-            if queue.full:
-                err = errors.NoCapacity(
-                    f"too many requests are waiting for '{request.model}'",
-                    retry_after_s=self.settings.retry_after_s,
-                )
-                await msg.respond(schema.encode(err.to_wire(request.request_id)))
-                return
-            now = time.monotonic()
-            model = self.config.model(request.model)
-            timeout = request.queue_timeout_s or model.queue_timeout_s or self.settings.queue_timeout_s
-            cold = len(queue) > 0 or self.registry.pick(request.model) is None
-            position = queue.push(Held(request, msg.data, now, now + timeout))
-            await msg.respond(
-                schema.encode(schema.Accepted(request.request_id, self.router_id, position if cold else 0))
+        await self._admit(request, msg.data)
+
+    async def _admit(self, request: schema.InferRequest, data: bytes) -> None:
+        rid = request.request_id
+        if self._was_cancelled(request):
+            return  # its caller cancelled it before it arrived
+        if self.dispatches.taken(rid, request.attempt):
+            err = errors.Conflict(f"request id {rid} (attempt {request.attempt}) was already submitted")
+            await self._send(request.reply_to, err.to_wire(rid, request.attempt))
+            return
+        model = self.config.model(request.model)
+        if model is None:
+            known = ", ".join(self.queues) or "none"
+            err = errors.ModelNotFound(
+                f"The model '{_shown(request.model)}' does not exist (served here: {known}).", param="model"
             )
-            if cold and position == 1:
-                await self._publish_demand(request.model)  # the scaler hears of a cold model at once
-            self._wake[request.model].set()
+            await self._send(request.reply_to, err.to_wire(rid, request.attempt))
+            return
+        queue = self.queues[model.id]
+        entry = None if queue else self.registry.pick(model.id)
+        # The bound is on requests that wait: one a worker can take now is never refused for it.
+        if entry is None and len(queue) + self.view.demand.queued(model.id) >= self.settings.max_queue:
+            err = errors.NoCapacity(
+                f"too many requests are waiting for '{model.id}'", retry_after_s=self.settings.retry_after_s
+            )
+            await self._send(request.reply_to, err.to_wire(rid, request.attempt))
+            return
+        self.dispatches.admitted(rid, request.attempt)
+        now = time.monotonic()
+        timeout = request.queue_timeout_s or model.queue_timeout_s or self.settings.queue_timeout_s
+        held = Held(request, data, now, now + timeout)
+        if entry is not None:
+            await self._dispatch(held, entry.worker_id)
+        else:
+            await self._hold(held)
 
-    async def _dispatcher(self, model: str) -> None:
-        """Send this model's held requests to workers, oldest first, as slots open."""
-        queue, wake = self.queues[model], self._wake[model]
-        while True:
-            deadline = queue.next_deadline()
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await wake.wait()
-            wake.clear()
-            for held in queue.expired():
-                waited = time.monotonic() - held.enqueued
-                await self._reply_error(
-                    held.request,
-                    errors.NoCapacity(
-                        f"no worker for '{model}' became free within {waited:.0f} s",
-                        retry_after_s=self.settings.retry_after_s,
-                    ),
-                )
-            while (held := queue.pop()) is not None:
-                if held.request.request_id in self._cancelled:
-                    continue
-                if not await self._dispatch(held):
-                    queue.push_front(held)
-                    break
-            await self._publish_demand(model)
+    async def _hold(self, held: Held, *, front: bool = False) -> None:
+        """Keep the request until a worker can take it; the caller learns who holds it."""
+        model = held.request.model
+        queue = self.queues[model]
+        if front:
+            queue.push_front(held)
+            position = 1
+        else:
+            position = queue.push(held)
+        if not held.announced:
+            held.announced = True
+            r = held.request
+            accepted = schema.Accepted(
+                r.request_id, self.router_id, position, self.settings.heartbeat_s, r.attempt
+            )
+            await self._send(r.reply_to, accepted)
+        if len(queue) == 1:
+            await self._publish_demand(model)  # the scaler hears of a cold model at once
 
-    async def _dispatch(self, held: Held) -> bool:
-        """Try workers until one accepts. False when none can take it now."""
-        request, tried = held.request, set()
-        while (entry := self.registry.pick(request.model, exclude=tried)) is not None:
-            wid = entry.worker_id
-            tried.add(wid)
-            try:
-                msg = await self.nc.request(
-                    self.subjects.worker_infer(wid), held.data, timeout=self.settings.dispatch_timeout_s
-                )
-            except nats.errors.NoRespondersError:
-                self.registry.forget(wid)  # gone without a last heartbeat
+    # --- dispatch ------------------------------------------------------------------------------
+
+    def _was_cancelled(self, request: schema.InferRequest) -> bool:
+        return (
+            request.request_id in self._cancelled
+            or schema.run_key(request.request_id, request.attempt) in self._cancelled
+        )
+
+    async def _dispatch(self, held: Held, worker_id: str) -> None:
+        held.dispatches += 1
+        n = self.dispatches.add(held, worker_id)
+        self.registry.dispatched(worker_id)
+        try:
+            await self.nc.publish(
+                self.subjects.worker_infer(worker_id), held.data, reply=f"{self._ack_prefix}{n}"
+            )
+        except nats.errors.Error as exc:  # NATS trouble: the dispatch times out and the caller retries
+            self._log.warning("dispatch_not_sent", worker_id=worker_id, error=repr(exc))
+
+    async def _drain(self, model: str) -> None:
+        """Send the model's held requests to workers, oldest first, while any has a free slot."""
+        queue = self.queues[model]
+        while queue and (entry := self.registry.pick(model)) is not None:
+            held = queue.pop()
+            if self._was_cancelled(held.request):
                 continue
-            except nats.errors.TimeoutError:
-                self.registry.refused(wid)
-                self._log.warning("dispatch_timeout", worker_id=wid, request_id=request.request_id)
-                continue
-            reply = schema.dispatch_reply_decoder.decode(msg.data)
-            if reply.reason == schema.CANCELLED:
-                return True  # the caller left while the request was on its way: done with it
-            if reply.accepted:
-                self.registry.dispatched(wid)
+            if held.announced:
                 self._log.info(
-                    "request_routed",
-                    request_id=request.request_id,
-                    model=request.model,
-                    worker_id=wid,
-                    cluster=entry.beat.cluster,
-                    waited_s=round(time.monotonic() - held.enqueued, 4),
+                    "held_request_dispatched",
+                    request_id=held.request.request_id,
+                    worker_id=entry.worker_id,
+                    waited_s=round(time.monotonic() - held.enqueued, 3),
                 )
-                return True
-            self.registry.refused(wid)
-        return False
+            await self._dispatch(held, entry.worker_id)
+        await self._publish_demand(model)
 
-    async def _reply_error(self, request: schema.InferRequest, exc: errors.FirstError) -> None:
+    @guarded
+    async def _on_ack(self, msg) -> None:
+        gone = bool(msg.headers) and msg.headers.get("Status") == "503"  # no responders: no worker
+        reply = None
+        if not gone:
+            try:
+                reply = schema.dispatch_reply_decoder.decode(msg.data)
+            except msgspec.DecodeError:
+                # Not the worker's answer (a hostile or broken sender): the dispatch stays pending,
+                # and the real answer, or the dispatch timeout, settles it.
+                if self._bad_input(msg.subject):
+                    self._log.warning("undecodable_dispatch_reply", subject=msg.subject)
+                return
+        try:
+            pending = self.dispatches.resolve(int(msg.subject[len(self._ack_prefix) :]))
+        except ValueError:
+            return
+        if pending is None:
+            if self._bad_input("late_dispatch_reply"):
+                self._log.info("late_dispatch_reply", subject=msg.subject, note="logged once a minute")
+            return
+        if not len(self.dispatches):
+            self._settled.set()
+        held, wid = pending.held, pending.worker_id
+        request = held.request
+        # Request ids go into these log lines by hand: binding contextvars costs on this path.
+        if reply is None:
+            self.registry.forget(wid)
+            self._log.warning("worker_gone", worker_id=wid, request_id=request.request_id)
+            await self._hold(held, front=True)
+            await self._drain(request.model)
+            return
+        self.registry.answered(wid, reply.in_flight)
+        # A duplicate for a request this router sent before: an earlier dispatch of ours reached the
+        # worker after all (its answer was lost). The worker has it: that is an acceptance.
+        if reply.accepted or (reply.reason == schema.DUPLICATE and held.dispatches > 1):
+            self.dispatches.handed(request.request_id, request.attempt, wid)
+            self._log.debug(
+                "request_routed", worker_id=wid, model=request.model, request_id=request.request_id
+            )
+            if self.queues[request.model]:
+                await self._drain(request.model)
+            return
+        if reply.reason == schema.CANCELLED:
+            return
+        if reply.reason == schema.DUPLICATE:  # the caller sent this attempt to another router too
+            err = errors.Conflict(f"request id {request.request_id} is already running")
+            await self._send(request.reply_to, err.to_wire(request.request_id, request.attempt))
+            return
+        self.registry.refused(wid)
+        await self._hold(held, front=True)
+        await self._drain(request.model)
+
+    async def _retry(self, held: Held, reason: str) -> None:
+        r = held.request
+        await self._send(r.reply_to, schema.Retry(r.request_id, r.attempt, reason))
+
+    async def _send(self, subject: str, message: msgspec.Struct) -> None:
         with contextlib.suppress(nats.errors.Error):
-            await self.nc.publish(request.reply_to, schema.encode(exc.to_wire(request.request_id)))
+            await self.nc.publish(subject, schema.encode(message))
 
+    @guarded
     async def _on_cancel(self, msg) -> None:
-        with contextlib.suppress(msgspec.DecodeError):
+        try:
             cancel = schema.cancel_decoder.decode(msg.data)
-            self._cancelled.add(cancel.request_id)
-            for model, queue in self.queues.items():
-                if queue.remove(cancel.request_id):
-                    self._log.info("held_request_cancelled", request_id=cancel.request_id)
-                    await self._publish_demand(model)
+        except msgspec.DecodeError:
+            return
+        rid = cancel.request_id
+        self._cancelled.add(rid if cancel.attempt is None else schema.run_key(rid, cancel.attempt))
+        for model, queue in self.queues.items():
+            if queue.remove(rid, cancel.attempt) is not None:
+                self._log.info("held_request_cancelled", request_id=rid, reason=cancel.reason[:100])
+                await self._publish_demand(model)
+        if wid := self.dispatches.worker_of(rid):  # handed over already: the cancel follows it
+            await self._send(self.subjects.worker_cancel(wid), cancel)
 
     # --- what others report --------------------------------------------------------------------
 
+    @guarded
     async def _on_heartbeat(self, msg) -> None:
         try:
             beat = schema.heartbeat_decoder.decode(msg.data)
-        except msgspec.DecodeError:
+        except msgspec.DecodeError as exc:
+            if self._bad_input(msg.subject):
+                self._log.warning("bad_heartbeat", subject=msg.subject, error=_shown(str(exc), 200))
             return
         entry = self.registry.observe(beat)
-        if entry is not None and entry.beat.state == "ready" and entry.free > 0 and beat.model in self._wake:
-            self._wake[beat.model].set()
+        if entry is not None and entry.free > 0 and self.queues.get(beat.model):
+            await self._drain(beat.model)
 
+    @guarded
     async def _on_demand(self, msg) -> None:
         with contextlib.suppress(msgspec.DecodeError):
             demand = schema.demand_decoder.decode(msg.data)
             if demand.router_id != self.router_id:
                 self.view.demand.observe(demand)
 
+    @guarded
     async def _on_node_event(self, msg) -> None:
         with contextlib.suppress(msgspec.DecodeError):
             self.view.observe_node(schema.node_event_decoder.decode(msg.data))
 
+    @guarded
     async def _on_status(self, msg) -> None:
         own = {model: len(q) for model, q in self.queues.items()}
         reply = schema.StatusReply(self.router_id, self.view.models(own))
-        await msg.respond(schema.encode(reply))
+        with contextlib.suppress(nats.errors.Error):
+            await msg.respond(schema.encode(reply))
 
     # --- periodic ------------------------------------------------------------------------------
 
@@ -230,20 +324,44 @@ class Router(Lifecycle):
             model=model,
             queued=len(queue),
             oldest_wait_s=round(queue.oldest_wait(), 3),
-            interval_s=self._demand_interval_s,
+            interval_s=_DEMAND_INTERVAL_S,
         )
-        with contextlib.suppress(nats.errors.Error):
-            await self.nc.publish(self.subjects.demand, schema.encode(demand))
-
-    _demand_interval_s = 1.0
+        await self._send(self.subjects.demand, demand)
 
     async def _housekeeping(self) -> None:
-        """Forget silent workers; repeat demand while requests wait, so a restarted scaler hears it."""
-        while True:
-            await asyncio.sleep(self._demand_interval_s)
+        now = time.monotonic()
+        for pending in self.dispatches.expired():
+            await self._dispatch_timed_out(pending)
+        for model, queue in self.queues.items():
+            for held in queue.expired():
+                waited = now - held.enqueued
+                err = errors.NoCapacity(
+                    f"no worker for '{model}' became free within {waited:.0f} s",
+                    retry_after_s=self.settings.retry_after_s,
+                )
+                await self._send(
+                    held.request.reply_to, err.to_wire(held.request.request_id, held.request.attempt)
+                )
+        if now >= self._next_beat:
+            self._next_beat = now + self.settings.heartbeat_s
+            held = sum(len(q) for q in self.queues.values()) + len(self.dispatches)
+            beat = schema.RouterBeat(self.router_id, self.settings.heartbeat_s, held, time.time())
+            await self._send(self.subjects.router_heartbeat(self.router_id), beat)
+        if now >= self._next_demand:
+            # Forget silent workers; repeat demand while requests wait, so a restarted scaler hears it.
+            self._next_demand = now + _DEMAND_INTERVAL_S
             for wid in self.registry.expire():
                 self._log.warning("worker_lost", worker_id=wid)
             for model, queue in self.queues.items():
-                if len(queue):
+                if queue:
                     await self._publish_demand(model, force=True)
-                    self._wake[model].set()
+                    await self._drain(model)
+
+    async def _dispatch_timed_out(self, pending: Pending) -> None:
+        """The worker did not answer in time. It may still take the request, so this attempt is given
+        up: the caller submits a new one, and ignores whatever the late run sends."""
+        request = pending.held.request
+        self.registry.answered(pending.worker_id, None)
+        self.registry.refused(pending.worker_id)
+        self._log.warning("dispatch_timeout", worker_id=pending.worker_id, request_id=request.request_id)
+        await self._retry(pending.held, f"worker {pending.worker_id} did not answer in time")

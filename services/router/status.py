@@ -24,7 +24,9 @@ class ClusterView:
     ):
         self.config, self.registry, self.clock = config, registry, clock
         self.start_timeout_s = start_timeout_s
-        self.demand = DemandBook(clock)  # other routers' held requests
+        self.demand = DemandBook(
+            clock, max_per_router=config.router.max_queue
+        )  # other routers' held requests
         self._nodes: dict[str, tuple[schema.NodeEvent, float]] = {}  # node id -> (event, seen)
 
     def observe_node(self, event: schema.NodeEvent) -> None:

@@ -46,7 +46,7 @@ class Scaler(Lifecycle):
         self.settings = config.scaler
         self.providers = providers
         self.workers = WorkerBook(config.router.missed_heartbeats)
-        self.demand = DemandBook()
+        self.demand = DemandBook(max_per_router=config.router.max_queue)
         self.nodes: dict[str, NodeRecord] = {}
         self._failures: dict[str, int] = {}  # model -> failed starts in a row
         self._not_before: dict[str, float] = {}  # model -> no new start before this (backoff)

@@ -1,4 +1,9 @@
-"""The worker service: heartbeats, admission, streaming to the requester, cancel and drain."""
+"""The worker service: heartbeats, admission of dispatched requests, cancel and drain.
+
+Serving one request is services/worker/run.py. A worker never holds more runs than its capacity:
+routers' counts may lag (several routers, a heartbeat in flight), so the worker refuses what it
+cannot take and the router tries elsewhere.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +12,21 @@ import contextlib
 import re
 import time
 import uuid
-from typing import Any
 
 import msgspec
 import nats.errors
-import orjson
 import structlog
 from nats.aio.client import Client as NATS
-from structlog.contextvars import bound_contextvars
 
 from services.worker.engines.base import Engine
+from services.worker.run import Runner
 from shared import config as cfg
-from shared import errors, schema
+from shared import schema
 from shared.book import RecentIds
 from shared.connect import unsubscribe
 from shared.lifecycle import Lifecycle
 from shared.subjects import Subjects
-
-_END = object()
+from shared.supervise import Throttle, guarded
 
 
 def default_worker_id(cluster: str, model_id: str) -> str:
@@ -52,14 +54,26 @@ class Worker(Lifecycle):
         self.worker_id = worker_id or default_worker_id(cluster, model.id)
         self.node_id = node_id
         self.state: schema.WorkerState = "starting"
-        self._tasks: dict[str, asyncio.Task] = {}
-        self._cancelled = RecentIds()
+        self._tasks: dict[str, asyncio.Task] = {}  # run key (request id:attempt) -> its task
+        self._cancelled = RecentIds()  # request ids, or run keys, cancelled lately
+        self._ran = RecentIds(ttl_s=30.0)  # run keys taken lately: a second dispatch is a duplicate
+        self._runner = Runner(
+            nc,
+            subjects,
+            engine,
+            worker_id=self.worker_id,
+            cluster=cluster,
+            pack_interval_s=settings.pack_interval_ms / 1000,
+            stopping=lambda: self.state == "stopped",
+        )
         self._subs: list = []
         self._infer_sub = None
         self._beat_now = asyncio.Event()
         self._heartbeat_task: asyncio.Task | None = None
+        self._had_runs = False  # the last RunsBeat listed some: send one more, even if empty
         self._last_done = time.monotonic()
         self._started = False
+        self._throttle = Throttle()
         self._log = structlog.get_logger().bind(worker_id=self.worker_id, model=model.id)
 
     @property
@@ -73,7 +87,9 @@ class Worker(Lifecycle):
             return
         self._started = True
         self._heartbeat_task = asyncio.create_task(self._heartbeats(), name="worker-heartbeats")
-        self._subs.append(await self.nc.subscribe(self.subjects.cancel, cb=self._on_cancel))
+        self._subs.append(
+            await self.nc.subscribe(self.subjects.worker_cancel(self.worker_id), cb=self._on_cancel)
+        )
         self._set_state("loading")
         try:
             async with asyncio.timeout(self.settings.engine_start_timeout_s):
@@ -105,6 +121,8 @@ class Worker(Lifecycle):
         await self.stop()
 
     async def stop(self) -> None:
+        """Stop now: runs that have not begun their answer go back to their callers (Retry), the
+        others end with an error."""
         if self.state == "stopped":
             return
         self.state = "stopped"
@@ -134,15 +152,37 @@ class Worker(Lifecycle):
         self._beat_now.set()
 
     async def _heartbeats(self) -> None:
+        """Beat every heartbeat_s, and at once when something routers should know changes. Nothing
+        that goes wrong here (NATS trouble, an engine's garbage metrics) stops the beats."""
+        next_runs = 0.0
         while True:
             try:
                 await self._publish_heartbeat()
+                if time.monotonic() >= next_runs:
+                    next_runs = time.monotonic() + self.settings.heartbeat_s
+                    await self._publish_runs()
             except nats.errors.Error as exc:
-                self._log.warning("heartbeat_failed", error=str(exc))
+                if self._throttle("heartbeat-nats"):
+                    self._log.warning("heartbeat_failed", error=repr(exc))
+            except Exception:
+                if self._throttle("heartbeat"):
+                    self._log.exception("heartbeat_failed")
+            wait = min(self.settings.heartbeat_s, max(0.0, next_runs - time.monotonic()))
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.heartbeat_s):
+                async with asyncio.timeout(wait):
                     await self._beat_now.wait()
             self._beat_now.clear()
+
+    async def _engine_load(self) -> schema.EngineLoad:
+        if self.state != "ready":
+            return schema.EngineLoad()
+        try:
+            async with asyncio.timeout(max(0.1, self.settings.heartbeat_s / 2)):
+                return await self.engine.load()
+        except Exception:
+            if self._throttle("engine-load"):
+                self._log.exception("engine_load_failed")
+            return schema.EngineLoad()
 
     async def _publish_heartbeat(self) -> None:
         idle = 0.0 if self._tasks else time.monotonic() - self._last_done
@@ -155,148 +195,84 @@ class Worker(Lifecycle):
             in_flight=self.in_flight,
             interval_s=self.settings.heartbeat_s,
             idle_s=round(idle, 3),
-            engine=await self.engine.load() if self.state == "ready" else schema.EngineLoad(),
+            engine=await self._engine_load(),
             node_id=self.node_id,
             sent=time.time(),
         )
         await self.nc.publish(self.subjects.heartbeat(self.cluster, self.worker_id), schema.encode(beat))
 
+    async def _publish_runs(self) -> None:
+        """What this worker runs, for the callers waiting on it (every interval, not on every event)."""
+        if self._tasks or self._had_runs:
+            self._had_runs = bool(self._tasks)
+            runs = schema.RunsBeat(self.worker_id, self.settings.heartbeat_s, list(self._tasks), time.time())
+            await self.nc.publish(self.subjects.worker_runs(self.worker_id), schema.encode(runs))
+
     # --- requests ------------------------------------------------------------------------------
 
+    @guarded
     async def _on_dispatch(self, msg) -> None:
         try:
             request = schema.infer_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:
-            await msg.respond(schema.encode(schema.DispatchReply(False, f"undecodable request: {exc}")))
+            await self._answer(msg, False, f"undecodable request: {str(exc)[:300]}")
             return
-        if request.request_id in self._cancelled:
+        key = schema.run_key(request.request_id, request.attempt)
+        if request.request_id in self._cancelled or key in self._cancelled:
             reason = schema.CANCELLED
+        elif key in self._tasks or key in self._ran:
+            reason = schema.DUPLICATE
         elif self.state != "ready":
             reason = f"worker is {self.state}"
         elif self.in_flight >= self.model.capacity:
             reason = "worker is full"
-        elif request.request_id in self._tasks:
-            reason = "duplicate request"
         else:
             reason = ""
         if reason:
-            await msg.respond(schema.encode(schema.DispatchReply(False, reason)))
+            await self._answer(msg, False, reason)
             return
-        task = asyncio.create_task(self._serve(request), name=f"request-{request.request_id}")
-        self._tasks[request.request_id] = task
-        task.add_done_callback(lambda _t, rid=request.request_id: self._request_done(rid))
+        self._ran.add(key)
+        task = asyncio.create_task(self._runner.run(request), name=f"request-{key}")
+        self._tasks[key] = task
+        task.add_done_callback(lambda _t, k=key: self._request_done(k))
         if self.in_flight >= self.model.capacity:
             self._beat_now.set()  # full: routers should stop sending here before the next beat
-        await msg.respond(schema.encode(schema.DispatchReply(True)))
+        # The caller hears of its worker before the router lets go of the request.
+        started = schema.Started(
+            request.request_id, self.worker_id, self.cluster, self.settings.heartbeat_s, request.attempt
+        )
+        with contextlib.suppress(nats.errors.Error):
+            await self.nc.publish(request.reply_to, schema.encode(started))
+        await self._answer(msg, True)
 
-    def _request_done(self, request_id: str) -> None:
+    async def _answer(self, msg, accepted: bool, reason: str = "") -> None:
+        if not msg.reply:
+            return
+        reply = schema.DispatchReply(accepted, reason, self.in_flight)
+        with contextlib.suppress(nats.errors.Error):
+            await msg.respond(schema.encode(reply))
+
+    def _request_done(self, key: str) -> None:
         was_full = self.in_flight >= self.model.capacity
-        self._tasks.pop(request_id, None)
+        self._tasks.pop(key, None)
         self._last_done = time.monotonic()
-        if was_full or not self._tasks:
+        if was_full:
             self._beat_now.set()  # a slot opened: routers holding requests should hear it now
 
+    @guarded
     async def _on_cancel(self, msg) -> None:
         try:
             cancel = schema.cancel_decoder.decode(msg.data)
         except msgspec.DecodeError:
             return
-        self._cancelled.add(cancel.request_id)
-        task = self._tasks.get(cancel.request_id)
-        if task is not None:
-            self._log.info("request_cancelled", request_id=cancel.request_id, reason=cancel.reason)
-            task.cancel("cancelled")
-
-    async def _serve(self, request: schema.InferRequest) -> None:
-        with bound_contextvars(request_id=request.request_id):
-            started = time.monotonic()
-            reply = request.reply_to
-            outcome = "ok"
-            usage = schema.Usage()
-            try:
-                await self.nc.publish(
-                    reply, schema.encode(schema.Started(request.request_id, self.worker_id, self.cluster))
-                )
-                body = _decode_body(request.body)
-                usage = await self._stream(request, body)
-            except asyncio.CancelledError:
-                outcome = "cancelled"
-                if self.state == "stopped":  # not the client's doing: tell it
-                    await self._send_error(request, errors.EngineError("the worker stopped"))
-                raise
-            except errors.FirstError as exc:
-                outcome = exc.code
-                await self._send_error(request, exc)
-            except Exception as exc:
-                outcome = "engine_error"
-                self._log.exception("engine_failed")
-                await self._send_error(request, errors.EngineError(f"engine failed: {exc}"))
-            finally:
-                self._log.info(
-                    "request_served",
-                    outcome=outcome,
-                    endpoint=request.endpoint,
-                    prompt_tokens=usage.prompt_tokens,
-                    completion_tokens=usage.completion_tokens,
-                    seconds=round(time.monotonic() - started, 4),
-                )
-
-    async def _send_error(self, request: schema.InferRequest, exc: errors.FirstError) -> None:
-        with contextlib.suppress(nats.errors.Error):
-            await self.nc.publish(request.reply_to, schema.encode(exc.to_wire(request.request_id)))
-
-    async def _stream(self, request: schema.InferRequest, body: dict[str, Any]) -> schema.Usage:
-        """Pump engine events into a queue; send what has piled up as one Chunk per NATS message."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump() -> None:
-            try:
-                async for event in self.engine.generate(request.endpoint, body):
-                    queue.put_nowait(event)
-                queue.put_nowait(_END)
-            except Exception as exc:
-                queue.put_nowait(exc)
-
-        pumping = asyncio.create_task(pump(), name=f"engine-{request.request_id}")
-        pack_s = self.settings.pack_interval_ms / 1000
-        seq, last_sent = 0, 0.0
-        usage = schema.Usage()
-        try:
-            while True:
-                batch = [await queue.get()]
-                if pack_s and (wait := last_sent + pack_s - time.monotonic()) > 0:
-                    await asyncio.sleep(wait)
-                while not queue.empty():
-                    batch.append(queue.get_nowait())
-                deltas, done = [], False
-                for item in batch:
-                    if item is _END:
-                        done = True
-                    elif isinstance(item, Exception):
-                        raise item
-                    elif isinstance(item, schema.Usage):
-                        usage = item
-                    else:
-                        deltas.append(item)
-                chunk = schema.Chunk(
-                    request.request_id, seq, deltas, usage=usage if done else None, done=done
-                )
-                await self.nc.publish(request.reply_to, schema.encode(chunk))
-                seq += 1
-                last_sent = time.monotonic()
-                if done:
-                    return usage
-        finally:
-            pumping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pumping
-
-
-def _decode_body(raw: bytes) -> dict[str, Any]:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise errors.BadRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise errors.BadRequest("request body must be a JSON object")
-    return body
+        rid = cancel.request_id
+        if cancel.attempt is None:
+            self._cancelled.add(rid)
+            keys = [k for k in self._tasks if k.rpartition(":")[0] == rid]
+        else:
+            key = schema.run_key(rid, cancel.attempt)
+            self._cancelled.add(key)
+            keys = [key] if key in self._tasks else []
+        for key in keys:
+            self._log.info("request_cancelled", request_id=rid, reason=cancel.reason[:200])
+            self._tasks[key].cancel("cancelled")

@@ -24,6 +24,7 @@ subject_prefix = "{prefix}"
 max_body_bytes = 2097152
 request_timeout_s = 30
 stall_timeout_s = 2
+sse_keepalive_s = 0.5
 
 [router]
 queue_timeout_s = 20
@@ -63,6 +64,11 @@ scaling = {{ min_hot = 1, max_workers = 1 }}
 id = "sim/stall"
 engine = {{ kind = "sim", ttft_ms = 600000 }}
 scaling = {{ min_hot = 1, max_workers = 1 }}
+
+[[models]]
+id = "sim/stuck"
+engine = {{ kind = "sim", ttft_ms = 1, itl_ms = 600000, default_max_tokens = 5 }}
+scaling = {{ min_hot = 0, max_workers = 1 }}
 
 [[models]]
 id = "sim/never"

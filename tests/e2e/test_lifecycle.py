@@ -93,7 +93,9 @@ async def test_killed_worker_stops_receiving_requests(oai, first_client):
 
 
 async def test_draining_worker_finishes_what_it_has(oai, first_client):
-    body = orjson.dumps({"model": "sim/pair", "prompt": "a long story", "max_tokens": 25, "seed": 11})
+    body = orjson.dumps(
+        {"model": "sim/pair", "prompt": "a long story", "max_tokens": 25, "seed": 11, "stream": True}
+    )
     async with first_client.open("sim/pair", "completion", body) as answer:
         chunks = [await anext(aiter(answer))]
         worker_id = answer.started.worker_id

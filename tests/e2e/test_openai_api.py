@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiohttp
+import nats
 import openai
+import orjson
 import pytest
+
+from shared import errors
+from shared.client import FirstClient
 
 MESSAGES = [{"role": "user", "content": "tell me about the cluster"}]
 JSON = {"Content-Type": "application/json"}  # the gateway takes no other body (415)
@@ -105,11 +111,45 @@ async def test_no_capacity_in_time_is_503_with_retry_after(sim_stack):
     assert payload["error"]["code"] == "no_capacity"
 
 
-async def test_stalled_engine_is_504(oai):
-    with pytest.raises(openai.APIStatusError) as info:
-        await oai.chat.completions.create(model="sim/stall", messages=MESSAGES)
-    assert info.value.status_code == 504
-    assert info.value.body["code"] == "engine_timeout"
+async def test_an_answer_that_stops_mid_stream_ends_with_a_timeout_event(oai):
+    """The stall timer is for streams that go silent after text began (here: after one token)."""
+    stream = await oai.chat.completions.create(model="sim/stuck", messages=MESSAGES, stream=True)
+    text = []
+    with pytest.raises(openai.APIError, match="sent nothing for 2 s"):
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                text.append(chunk.choices[0].delta.content)
+    assert len(text) == 1
+
+
+async def test_a_request_waiting_in_the_engine_is_kept_alive_not_cut(sim_stack):
+    """sim/stall holds every request in its engine (a long prefill, vLLM's own queue): the stream
+    stays open past the stall timeout (2 s), with SSE comments every 0.5 s for proxies."""
+    body = {"model": "sim/stall", "messages": MESSAGES, "stream": True}
+    started = time.monotonic()
+    comments = 0
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(sim_stack.base_url + "/v1/chat/completions", json=body) as r,
+    ):
+        assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream"
+        while time.monotonic() - started < 3.5:
+            line = await asyncio.wait_for(r.content.readline(), 2)
+            assert not line.startswith(b"data:"), line
+            comments += line == b": keep-alive\n"
+    assert comments >= 5
+
+
+async def test_no_answer_within_the_request_timeout_is_an_engine_timeout(sim_stack, nats_url):
+    nc = await nats.connect(nats_url)
+    async with FirstClient(nc, sim_stack.subjects, request_timeout_s=1) as client:
+        started = time.monotonic()
+        with pytest.raises(errors.EngineTimeout, match="did not begin within 1 s"):
+            await client.complete(
+                "sim/stall", "chat", orjson.dumps({"model": "sim/stall", "messages": MESSAGES})
+            )
+        assert time.monotonic() - started < 2
+    await nc.close()
 
 
 async def test_health(sim_stack):

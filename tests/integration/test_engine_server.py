@@ -35,12 +35,19 @@ async def fake_vllm():
         if body.get("max_tokens") == 0:
             error = {"object": "error", "message": "max_tokens must be at least 1", "type": "BadRequestError"}
             return web.json_response(error, status=400)
+        usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+        if not body.get("stream"):
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": "a b c"},
+                "finish_reason": "stop",
+            }
+            return web.json_response({"object": "chat.completion", "choices": [choice], "usage": usage})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         for text, finish in (("a", None), (" b", None), (" c", "stop")):
             choice = {"index": 0, "delta": {"content": text}, "finish_reason": finish}
             await resp.write(b"data: " + orjson.dumps({"choices": [choice]}) + b"\n\n")
-        usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
         await resp.write(b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\ndata: [DONE]\n\n")
         return resp
 
@@ -85,8 +92,15 @@ async def test_worker_streams_from_an_engine_server_and_reports_its_load(service
     assert result.texts[0] == "a b c" and result.finish_reasons[0] == "stop"
     assert result.usage == schema.Usage(prompt_tokens=7, completion_tokens=3)
     sent = received[-1]
-    assert sent["model"] == "served-name" and sent["stream"] is True
+    assert sent["model"] == "served-name"
+    assert sent["stream"] is False, "a caller that did not ask to stream gets one answer from the engine"
     assert sent["top_k"] == 5, "fields the gateway does not know reach the engine"
+
+    async with client.open("org/model", "chat", orjson.dumps(dict(body, stream=True))) as answer:
+        chunks = [c async for c in answer]
+    assert "".join(d.text for c in chunks for d in c.deltas) == "a b c"
+    assert chunks[-1].usage == schema.Usage(prompt_tokens=7, completion_tokens=3)
+    assert received[-1]["stream"] is True and received[-1]["stream_options"] == {"include_usage": True}
 
     loaded = schema.EngineLoad(running=2, waiting=1, kv_cache_usage=0.25)
     await eventually(lambda: any(b.engine == loaded for b in beats), what="engine load in a heartbeat")

@@ -21,7 +21,7 @@ async def test_answer_streams_in_order_and_ends_with_usage(services):
     await services.router(config)
     worker = await services.worker(config, "m")
     client = await services.client()
-    async with client.open("m", "chat", chat(max_tokens=5)) as answer:
+    async with client.open("m", "chat", chat(max_tokens=5, stream=True)) as answer:
         chunks = [c async for c in answer]
     assert [c.seq for c in chunks] == list(range(len(chunks)))
     assert chunks[-1].done and chunks[-1].usage == schema.Usage(prompt_tokens=2, completion_tokens=5)
@@ -89,7 +89,7 @@ async def test_cancel_frees_the_workers_slot(services):
     await services.router(config)
     worker = await services.worker(config, "m")
     client = await services.client()
-    async with client.open("m", "chat", chat()) as answer:
+    async with client.open("m", "chat", chat(stream=True)) as answer:
         async for _ in answer:
             break  # the caller leaves after the first token
     await eventually(lambda: worker.in_flight == 0, timeout=2, what="the slot to be freed")
@@ -100,7 +100,7 @@ async def test_cancel_frees_the_workers_slot(services):
 
 async def test_fast_tokens_are_packed_into_fewer_messages(services):
     engine = {"kind": "sim", "ttft_ms": 0, "itl_ms": 1, "default_max_tokens": 40}
-    body = orjson.dumps({"model": "m", "prompt": "pack me", "seed": 3})
+    body = orjson.dumps({"model": "m", "prompt": "pack me", "seed": 3, "stream": True})
     config = make_config([{"id": "m", "engine": engine}], worker={"heartbeat_s": 0.2, "pack_interval_ms": 20})
     await services.router(config)
     await services.worker(config, "m")
@@ -120,7 +120,7 @@ async def test_draining_worker_finishes_its_request_and_takes_no_new_one(service
     await services.router(config)
     first = await services.worker(config, "m", worker_id="first")
     client = await services.client()
-    async with client.open("m", "chat", chat(seed=1)) as answer:
+    async with client.open("m", "chat", chat(seed=1, stream=True)) as answer:
         chunks = [await anext(aiter(answer))]
         assert answer.started.worker_id == "first"
         draining = asyncio.create_task(first.drain())
@@ -151,7 +151,7 @@ async def test_a_cancel_that_overtakes_its_request_still_stops_it(services, nc, 
     """The caller left while a router was handing the request over: the worker must not run it."""
     config = make_config([{"id": "m"}])
     worker = await services.worker(config, "m", worker_id="w")
-    await nc.publish(subjects.cancel, schema.encode(schema.Cancel("late-request")))
+    await nc.publish(subjects.worker_cancel("w"), schema.encode(schema.Cancel("late-request")))
     await nc.flush()
     await eventually(lambda: "late-request" in worker._cancelled, what="the worker to hear the cancel")
     request = schema.InferRequest(

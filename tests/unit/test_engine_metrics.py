@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 from services.worker.engines.openai_server import load_from_metrics, parse_metrics
 from shared import schema
 
@@ -87,11 +85,19 @@ def test_label_values_with_spaces_and_commas_parse():
     assert parse_metrics(text) == {"vllm:num_requests_running": 6.0}
 
 
-def test_nan_values_parse_and_garbage_lines_are_skipped():
-    values = parse_metrics("g NaN\nnot a metric line at all\n\nh 1e-3\n")
-    assert math.isnan(values["g"])
-    assert values["h"] == 0.001
-    assert set(values) == {"g", "h"}
+def test_nan_and_garbage_lines_are_skipped():
+    values = parse_metrics("g NaN\nnot a metric line at all\n\nh 1e-3\nneg -4\nbig 1e400\n")
+    assert values == {"h": 0.001}
+
+
+def test_nan_or_negative_engine_figures_never_reach_a_heartbeat():
+    """A NaN gauge once made int() raise inside the heartbeat loop, which then died for good."""
+    text = "vllm:num_requests_running NaN\nvllm:num_requests_waiting -1\nvllm:kv_cache_usage_perc 7\n"
+    load = load_from_metrics(parse_metrics(text))
+    assert load == schema.EngineLoad(kv_cache_usage=1.0)
+    schema.heartbeat_decoder.decode(
+        schema.encode(schema.Heartbeat("w", "c", "m", "ready", 1, 0, 1.0, engine=load))
+    )  # and what is sent decodes under the wire constraints
 
 
 def test_an_engine_without_vllm_metrics_reports_nothing():

@@ -1,4 +1,4 @@
-"""The per-model queue of held requests: first in first out, bounded, with deadlines."""
+"""The per-model queue of held requests: first in first out, with deadlines; re-submissions keep their place."""
 
 from __future__ import annotations
 
@@ -14,9 +14,22 @@ class Clock:
         return self.now
 
 
-def held(request_id: str, *, enqueued: float = 100.0, deadline: float = 200.0) -> Held:
+def held(
+    request_id: str,
+    *,
+    enqueued: float = 100.0,
+    deadline: float = 200.0,
+    created: float = 0.0,
+    attempt: int = 0,
+) -> Held:
     request = schema.InferRequest(
-        request_id=request_id, model="m", endpoint="chat", body=b"{}", reply_to="x", created=0.0
+        request_id=request_id,
+        model="m",
+        endpoint="chat",
+        body=b"{}",
+        reply_to="x",
+        created=created,
+        attempt=attempt,
     )
     return Held(request=request, data=schema.encode(request), enqueued=enqueued, deadline=deadline)
 
@@ -33,26 +46,15 @@ def drain(queue: ModelQueue) -> list[str]:
 
 
 def test_requests_leave_in_the_order_they_came():
-    queue = ModelQueue(max_len=10)
+    queue = ModelQueue()
     positions = [queue.push(held(r)) for r in ("a", "b", "c")]
     assert positions == [1, 2, 3], "push reports the queue position"
     assert drain(queue) == ["a", "b", "c"]
     assert queue.pop() is None
 
 
-def test_full_once_max_len_requests_are_held():
-    queue = ModelQueue(max_len=2)
-    assert not queue.full
-    queue.push(held("a"))
-    assert not queue.full
-    queue.push(held("b"))
-    assert queue.full and len(queue) == 2
-    queue.pop()
-    assert not queue.full
-
-
 def test_push_front_puts_a_request_back_ahead_of_the_others():
-    queue = ModelQueue(max_len=10)
+    queue = ModelQueue()
     for r in ("a", "b", "c"):
         queue.push(held(r))
     first = queue.pop()
@@ -61,18 +63,18 @@ def test_push_front_puts_a_request_back_ahead_of_the_others():
 
 
 def test_remove_by_request_id_keeps_the_others_in_order():
-    queue = ModelQueue(max_len=10)
+    queue = ModelQueue()
     for r in ("a", "b", "c"):
         queue.push(held(r))
-    assert queue.remove("b") is True
-    assert queue.remove("b") is False
-    assert queue.remove("zzz") is False
+    assert queue.remove("b").request.request_id == "b"
+    assert queue.remove("b") is None
+    assert queue.remove("zzz") is None
     assert ids(queue) == ["a", "c"]
 
 
 def test_expired_returns_and_removes_only_requests_past_their_deadline():
     clock = Clock()
-    queue = ModelQueue(max_len=10, clock=clock)
+    queue = ModelQueue(clock=clock)
     queue.push(held("late", deadline=105.0))
     queue.push(held("early", deadline=101.0))
     queue.push(held("later", deadline=300.0))
@@ -84,20 +86,9 @@ def test_expired_returns_and_removes_only_requests_past_their_deadline():
     assert queue.expired() == []
 
 
-def test_next_deadline_is_the_soonest_one_not_the_first_in_line():
-    queue = ModelQueue(max_len=10)
-    assert queue.next_deadline() is None
-    queue.push(held("a", deadline=50.0))
-    queue.push(held("b", deadline=20.0))
-    queue.push(held("c", deadline=90.0))
-    assert queue.next_deadline() == 20.0
-    queue.remove("b")
-    assert queue.next_deadline() == 50.0
-
-
 def test_oldest_wait_is_measured_from_the_head_of_the_queue():
     clock = Clock()
-    queue = ModelQueue(max_len=10, clock=clock)
+    queue = ModelQueue(clock=clock)
     assert queue.oldest_wait() == 0.0
     queue.push(held("a", enqueued=90.0))
     queue.push(held("b", enqueued=99.0))
@@ -107,3 +98,13 @@ def test_oldest_wait_is_measured_from_the_head_of_the_queue():
 def test_held_request_keeps_its_encoded_bytes_for_forwarding():
     h = held("a")
     assert schema.infer_decoder.decode(h.data) == h.request
+
+
+def test_a_resubmitted_request_takes_its_place_by_when_it_was_first_sent():
+    """Its router died; the caller sent it again. It does not go to the back of another queue."""
+    queue = ModelQueue()
+    queue.push(held("a", created=1.0))
+    queue.push(held("c", created=3.0))
+    assert queue.push(held("b", created=2.0, attempt=1)) == 2
+    assert queue.push(held("d", created=0.5)) == 4, "a first submission always goes to the back"
+    assert drain(queue) == ["a", "b", "c", "d"]

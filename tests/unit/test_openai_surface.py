@@ -124,11 +124,16 @@ def test_chat_stream_opens_with_the_assistant_role_and_carries_the_text():
     assert finishes(evts) == ["stop"]
 
 
-def test_several_deltas_in_one_chunk_become_several_events():
+def test_tokens_that_travelled_together_become_one_event_per_choice():
     framer = ChunkFramer(ResponseShape("chat", "r", "m"))
     framer.frame(CHUNKS[0])
-    raw = framer.frame(Chunk("r", 1, [Delta("a"), Delta("b"), Delta("c")]))
-    assert raw.count(b"data: ") == 3
+    raw = framer.frame(Chunk("r", 1, [Delta("a"), Delta("b", index=1), Delta("c")]))
+    events = [orjson.loads(line[6:]) for line in raw.split(b"\n\n") if line.startswith(b"data: {")]
+    assert [(e["choices"][0]["index"], e["choices"][0]["delta"]) for e in events] == [
+        (0, {"content": "ac"}),
+        (1, {"role": "assistant", "content": ""}),
+        (1, {"content": "b"}),
+    ]
     assert b"[DONE]" not in raw
 
 

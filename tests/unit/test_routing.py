@@ -113,12 +113,24 @@ def test_dispatched_counts_locally_so_the_next_pick_spreads_load(registry):
     assert picked(registry) is None, "both workers are full by this router's own count"
 
 
-def test_heartbeat_replaces_the_local_count(registry):
+def test_heartbeat_replaces_the_workers_own_count(registry):
     registry.observe(beat("a", capacity=1))
     registry.dispatched("a")
+    assert picked(registry) is None, "a dispatch on its way counts"
+    registry.answered("a", 1)  # accepted: the worker holds one
     assert picked(registry) is None
     registry.observe(beat("a", capacity=1, in_flight=0))  # the request finished
     assert picked(registry) == "a"
+
+
+def test_a_dispatch_reply_corrects_the_count_other_routers_changed(registry):
+    registry.observe(beat("a", capacity=4, in_flight=0))
+    registry.dispatched("a")
+    registry.answered("a", 4)  # other routers filled it meanwhile
+    assert picked(registry) is None
+    registry.dispatched("a")
+    registry.answered("a", None)  # no answer at all: only the reservation ends
+    assert registry.get("a").reserved == 0
 
 
 def test_refused_worker_is_passed_over_until_its_next_heartbeat(registry):
@@ -150,6 +162,7 @@ def test_silent_worker_is_forgotten_after_missed_heartbeats(registry, clock):
     clock.now += 3 * 2.0 - 0.01
     assert picked(registry) == "a", "still within three intervals"
     clock.now += 0.02
+    assert registry.expire() == ["a"]
     assert picked(registry) is None
     assert registry.get("a") is None
 
@@ -222,4 +235,4 @@ def test_recent_ids_forget_after_their_ttl():
     clock.now += 6
     assert "a" not in recent and "b" in recent
     recent.add("c")  # adding prunes what expired
-    assert list(recent._expires) == ["b", "c"]
+    assert list(recent._items) == ["b", "c"]

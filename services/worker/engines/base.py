@@ -28,22 +28,35 @@ class Engine(abc.ABC):
         return schema.EngineLoad()
 
     @abc.abstractmethod
-    def generate(self, endpoint: schema.Endpoint, body: dict[str, Any]) -> AsyncIterator[Event]:
-        """Stream one request. ``body`` is the client's OpenAI request. Raises shared.errors on failure."""
+    def generate(
+        self, endpoint: schema.Endpoint, body: dict[str, Any], *, stream: bool = True
+    ) -> AsyncIterator[Event]:
+        """Run one request; ``body`` is the client's OpenAI request. With ``stream=False`` the engine
+        may produce the whole answer at once (fewer, larger deltas). Raises shared.errors on failure."""
+
+    async def count_prompt_tokens(self, endpoint: schema.Endpoint, body: dict[str, Any]) -> int:
+        """The prompt's token count, for runs that end before the engine reported usage. 0: unknown."""
+        return 0
 
 
 def prompt_text(endpoint: schema.Endpoint, body: dict[str, Any]) -> str:
-    """The prompt as plain text: the completion prompt, or the chat messages' text joined."""
+    """The prompt as plain text: the completion prompt, or the chat messages' text joined.
+
+    Tolerant of any shape: NATS-native callers' bodies are not checked by the gateway.
+    """
     if endpoint == "completion":
         prompt = body.get("prompt", "")
-        return prompt if isinstance(prompt, str) else " ".join(p for p in prompt if isinstance(p, str))
+        if isinstance(prompt, str):
+            return prompt
+        return " ".join(p for p in prompt if isinstance(p, str)) if isinstance(prompt, list) else ""
     parts: list[str] = []
-    for message in body.get("messages", []):
-        content = message.get("content")
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, str):
             parts.append(content)
         elif isinstance(content, list):
-            parts.extend(p.get("text", "") for p in content if isinstance(p, dict))
+            parts.extend(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     return "\n".join(parts)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import socket
 from collections import deque
@@ -29,6 +30,7 @@ _METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+([-+0-9.eE]+|
 _RUNNING = ("vllm:num_requests_running",)
 _WAITING = ("vllm:num_requests_waiting",)
 _KV = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+_MAX_LINE = 16 << 20
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -39,13 +41,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text format, enough for a handful of gauges. Label sets (one per data-parallel
-    engine, say) are summed, except fractions (``*_perc``), where the fullest one counts."""
+    engine, say) are summed, except fractions (``*_perc``), where the fullest one counts.
+    Lines that do not parse, and values that are not finite non-negative numbers, are skipped."""
     values: dict[str, float] = {}
     for line in text.splitlines():
         if m := _METRIC.match(line):
             name = m.group(1)
             with contextlib.suppress(ValueError):
                 value = float(m.group(2))
+                if not math.isfinite(value) or value < 0:
+                    continue
                 if name not in values:
                     values[name] = value
                 elif name.endswith("_perc"):
@@ -61,9 +66,9 @@ def load_from_metrics(values: dict[str, float]) -> schema.EngineLoad:
 
     running, waiting, kv = first(_RUNNING), first(_WAITING), first(_KV)
     return schema.EngineLoad(
-        running=None if running is None else int(running),
-        waiting=None if waiting is None else int(waiting),
-        kv_cache_usage=kv,
+        running=None if running is None else min(int(running), 1_000_000_000),
+        waiting=None if waiting is None else min(int(waiting), 1_000_000_000),
+        kv_cache_usage=None if kv is None else min(kv, 1.0),
     )
 
 
@@ -126,12 +131,14 @@ class OpenAIServerEngine(Engine):
         self.process = process
         self.read_timeout_s = read_timeout_s
         self._session: aiohttp.ClientSession | None = None
+        self._log = structlog.get_logger()
 
     async def start(self) -> None:
         if self._session is not None:
             return
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.read_timeout_s)
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.read_timeout_s),
+            connector=aiohttp.TCPConnector(limit=0),  # the worker's capacity bounds the connections
         )
         if self.process is not None:
             await self.process.start()
@@ -144,6 +151,7 @@ class OpenAIServerEngine(Engine):
         except BaseException:
             await self.stop()
             raise
+        await self._check_served_model()
 
     async def _healthy(self) -> bool:
         try:
@@ -151,6 +159,21 @@ class OpenAIServerEngine(Engine):
                 return resp.status == 200
         except aiohttp.ClientError:
             return False
+
+    async def _check_served_model(self) -> None:
+        """Say at start, in the log, when the engine does not serve the name the config gives."""
+        try:
+            async with asyncio.timeout(5), self._session.get(self.base_url + "/v1/models") as resp:
+                listed = [m.get("id") for m in (await resp.json(content_type=None)).get("data", [])]
+        except Exception:  # an engine without /v1/models: nothing to check against
+            return
+        if listed and self.served_model not in listed:
+            self._log.error(
+                "engine_model_mismatch",
+                served_model=self.served_model,
+                engine_serves=listed[:20],
+                hint="set models[].engine.served_model in the config to one of these",
+            )
 
     async def stop(self) -> None:
         if self.process is not None:
@@ -165,16 +188,20 @@ class OpenAIServerEngine(Engine):
         try:
             # A slow /metrics must not hold up the heartbeat that carries its figures.
             async with asyncio.timeout(1.0), self._session.get(self.base_url + self.metrics_path) as resp:
-                return load_from_metrics(parse_metrics(await resp.text()))
-        except (aiohttp.ClientError, TimeoutError):
+                return load_from_metrics(parse_metrics(await resp.text(errors="replace")))
+        except (aiohttp.ClientError, TimeoutError, ValueError):
             return schema.EngineLoad()
 
-    async def generate(self, endpoint: schema.Endpoint, body: dict[str, Any]) -> AsyncIterator[Event]:
+    async def generate(
+        self, endpoint: schema.Endpoint, body: dict[str, Any], *, stream: bool = True
+    ) -> AsyncIterator[Event]:
         if self._session is None:
             raise errors.EngineError("engine is not started")
-        payload = dict(body, model=self.served_model, stream=True, stream_options={"include_usage": True})
-        usage: schema.Usage | None = None
-        completion_deltas = 0
+        payload = dict(body, model=self.served_model, stream=stream)
+        if stream:
+            payload["stream_options"] = {"include_usage": True}
+        else:
+            payload.pop("stream_options", None)
         try:
             async with self._session.post(
                 self.base_url + _PATHS[endpoint],
@@ -182,25 +209,27 @@ class OpenAIServerEngine(Engine):
                 headers={"Content-Type": "application/json"},
             ) as resp:
                 if resp.status != 200:
-                    raise _engine_error(resp.status, await resp.read())
-                async for data in _sse_data(resp.content):
-                    if data == b"[DONE]":
-                        break
-                    event = orjson.loads(data)
-                    if event.get("error"):
-                        raise errors.EngineError(_message(event))
-                    for choice in event.get("choices") or ():
-                        text = _choice_text(endpoint, choice)
-                        finish = choice.get("finish_reason")
-                        if text or finish:
-                            completion_deltas += bool(text)
-                            yield schema.Delta(text=text, index=choice.get("index", 0), finish_reason=finish)
-                    if u := event.get("usage"):
-                        usage = schema.Usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0))
+                    raise self._engine_error(resp.status, await resp.read(), resp.headers.get("Retry-After"))
+                if stream:
+                    events = _streamed(endpoint, resp.content)
+                else:
+                    events = _whole(endpoint, await resp.read())
+                usage: schema.Usage | None = None
+                completion_deltas = 0
+                async for event in events:
+                    if isinstance(event, schema.Usage):
+                        usage = event
+                    else:
+                        completion_deltas += bool(event.text)
+                        yield event
         except TimeoutError:
-            raise errors.EngineTimeout(f"engine sent nothing for {self.read_timeout_s:g} s") from None
+            raise errors.EngineTimeout(f"the engine sent nothing for {self.read_timeout_s:g} s") from None
         except aiohttp.ClientError as exc:
-            raise errors.EngineError(f"engine connection failed: {exc}") from None
+            self._log.warning("engine_connection_failed", error=repr(exc))
+            raise errors.EngineError("the connection to the engine failed") from None
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+            self._log.warning("engine_answer_malformed", error=repr(exc))
+            raise errors.EngineError("the engine sent a malformed answer") from None
         if usage is None:
             # The server ignores stream_options: one streamed delta is one token, and the prompt
             # is counted by the engine's own tokenizer where this class knows it.
@@ -208,36 +237,104 @@ class OpenAIServerEngine(Engine):
             usage = schema.Usage(prompt_tokens=prompt, completion_tokens=completion_deltas)
         yield usage
 
-    async def count_prompt_tokens(self, endpoint: schema.Endpoint, body: dict[str, Any]) -> int:
-        """The prompt's token count, for servers whose streams carry no usage. 0: unknown."""
-        return 0
+    def _engine_error(self, status: int, raw: bytes, retry_after: str | None) -> errors.FirstError:
+        """The engine's refusal, in terms the caller (or for our own mistakes, an operator) can act on."""
+        try:
+            message = _message(orjson.loads(raw))
+        except (orjson.JSONDecodeError, TypeError):
+            message = raw.decode(errors="replace")
+        message = message[:500]
+        if status == 404:
+            self._log.error("engine_model_mismatch", served_model=self.served_model, engine_said=message)
+            return errors.EngineError(
+                f"the engine does not serve the model '{self.served_model}' that this worker's config names"
+                " (models[].engine.served_model); an operator must fix the config"
+            )
+        if status == 429:
+            return errors.NoCapacity(
+                "the engine is overloaded; try again shortly", retry_after_s=_seconds(retry_after)
+            )
+        if status == 413:
+            return errors.PayloadTooLarge(f"the engine refused the request as too large: {message}")
+        if status in (401, 403):
+            self._log.error("engine_refused_worker", status=status, engine_said=message)
+            return errors.EngineError("the engine refused the worker's credentials; an operator must fix it")
+        if 400 <= status < 500:
+            return errors.BadRequest(f"the engine refused the request: {message}")
+        self._log.warning("engine_failed", status=status, engine_said=message)
+        return errors.EngineError(f"the engine failed (HTTP {status})")
+
+
+def _seconds(header: str | None, default: float = 1.0) -> float:
+    try:
+        value = float(header) if header else default
+    except ValueError:
+        return default
+    return min(max(value, 0.0), 3600.0) if math.isfinite(value) else default
 
 
 async def _sse_data(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    async for line in stream:
-        line = line.strip()
-        if line.startswith(b"data:"):
-            yield line[5:].strip()
+    """The ``data:`` payloads of a server-sent event stream, read a block at a time (an engine
+    writes many events at once when it is fast; one await per line would cost more than parsing)."""
+    rest = b""
+    async for block in stream.iter_any():
+        *lines, rest = (rest + block).split(b"\n")
+        if len(rest) > _MAX_LINE:
+            raise errors.EngineError("the engine sent an event line longer than 16 MiB")
+        for line in lines:
+            if line.startswith(b"data:"):
+                yield line[5:].strip()
+    if rest.startswith(b"data:"):
+        yield rest[5:].strip()
 
 
-def _choice_text(endpoint: schema.Endpoint, choice: dict) -> str:
-    if endpoint == "completion":
-        return choice.get("text") or ""
-    return (choice.get("delta") or {}).get("content") or ""
+async def _streamed(endpoint: schema.Endpoint, content: aiohttp.StreamReader) -> AsyncIterator[Event]:
+    async for data in _sse_data(content):
+        if data == b"[DONE]":
+            break
+        event = orjson.loads(data)
+        if event.get("error"):
+            raise errors.EngineError(f"the engine failed mid-answer: {_message(event)[:500]}")
+        for choice in event.get("choices") or ():
+            text = _choice_text(endpoint, choice, "delta")
+            finish = choice.get("finish_reason")
+            finish = finish if isinstance(finish, str) else None
+            if text or finish:
+                yield schema.Delta(text=text, index=_count(choice.get("index"), 1024), finish_reason=finish)
+        if u := event.get("usage"):
+            yield _usage(u)
+
+
+async def _whole(endpoint: schema.Endpoint, raw: bytes) -> AsyncIterator[Event]:
+    answer = orjson.loads(raw)
+    for choice in answer.get("choices") or ():
+        text = _choice_text(endpoint, choice, "message")
+        finish = choice.get("finish_reason")
+        yield schema.Delta(
+            text=text,
+            index=_count(choice.get("index"), 1024),
+            finish_reason=finish if isinstance(finish, str) else None,
+        )
+    if u := answer.get("usage"):
+        yield _usage(u)
+
+
+def _count(value: object, top: int = 1_000_000_000) -> int:
+    """An engine's number, trusted only as far as the wire schema allows."""
+    return value if isinstance(value, int) and 0 <= value <= top else 0
+
+
+def _usage(u: dict) -> schema.Usage:
+    return schema.Usage(_count(u.get("prompt_tokens")), _count(u.get("completion_tokens")))
+
+
+def _choice_text(endpoint: schema.Endpoint, choice: dict, key: str) -> str:
+    text = choice.get("text") if endpoint == "completion" else (choice.get(key) or {}).get("content")
+    return text if isinstance(text, str) else ""
 
 
 def _message(payload: dict) -> str:
     err = payload.get("error")
     if isinstance(err, dict):
         return str(err.get("message") or err)
-    return str(err or payload.get("detail") or payload)
-
-
-def _engine_error(status: int, raw: bytes) -> errors.FirstError:
-    try:
-        message = _message(orjson.loads(raw))
-    except orjson.JSONDecodeError:
-        message = raw.decode(errors="replace")[:500]
-    if 400 <= status < 500:
-        return errors.BadRequest(f"the engine refused the request: {message}")
-    return errors.EngineError(f"engine answered {status}: {message}")
+    return str(err or payload.get("message") or payload.get("detail") or payload)

@@ -55,7 +55,12 @@ class SimulatedEngine(Engine):
     async def load(self) -> schema.EngineLoad:
         return schema.EngineLoad(running=self._running, waiting=self._waiting)
 
-    async def generate(self, endpoint: schema.Endpoint, body: dict[str, Any]) -> AsyncIterator[Event]:
+    async def count_prompt_tokens(self, endpoint: schema.Endpoint, body: dict[str, Any]) -> int:
+        return max(1, len(prompt_text(endpoint, body).split()))
+
+    async def generate(
+        self, endpoint: schema.Endpoint, body: dict[str, Any], *, stream: bool = True
+    ) -> AsyncIterator[Event]:
         s = self.settings
         prompt = prompt_text(endpoint, body)
         seed = body.get("seed") if isinstance(body.get("seed"), int) else None
@@ -63,8 +68,14 @@ class SimulatedEngine(Engine):
         natural = natural_length(prompt, seed)
         n = min(limit, natural)
         words = simulated_words(prompt, seed, n)
-        stops = body.get("stop") or []
-        stops = [stops] if isinstance(stops, str) else stops
+        stop = body.get("stop")
+        stops = (
+            [stop]
+            if isinstance(stop, str)
+            else [w for w in stop if isinstance(w, str)]
+            if isinstance(stop, list)
+            else []
+        )
         finish = "length" if limit < natural else "stop"
 
         self._waiting += 1
