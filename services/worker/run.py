@@ -1,15 +1,18 @@
 """One run of a request on a worker: the engine's output to the caller's stream, then a usage record.
 
-The engine's events are read by a pump task into a queue; the sender takes whatever has piled up
-and sends it as one Chunk (bounded in size, so a message never exceeds NATS's max_payload). At
-engine speed one event is one message; when the sender falls behind, tokens travel together.
-A caller that did not ask to stream gets its answer in as few messages as fit.
+The engine hands over its events in batches (what one read from it brought); each batch goes out
+as one Chunk, one delta per choice (bounded in size, so a message never exceeds NATS's
+max_payload). At engine speed one token is one message; a fast engine's tokens travel together.
+With ``worker.pack_interval_ms`` a pump task reads ahead into a queue, and the sender waits out
+the interval between messages. A caller that did not ask to stream gets its answer in as few
+messages as fit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +24,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from structlog.contextvars import bind_contextvars
 
-from services.worker.engines.base import Engine
+from services.worker.engines.base import Batch, Engine
 from shared import errors, schema
 from shared.subjects import Subjects
 
@@ -104,17 +107,29 @@ class Runner:
     async def _relay(self, request: schema.InferRequest, body: dict[str, Any], progress: Progress) -> None:
         stream = body.get("stream") is True
         events = self.engine.generate(request.endpoint, body, stream=stream)
-        if not stream:  # one answer at the end: no need to read ahead of the sender
-            async for event in events:
-                _note(progress, event)
-            await self._flush(request, progress, True, merge=True)
+        if not stream:  # one answer at the end
+            async for batch in events:
+                _note(progress, batch)
+            await self._flush(request, progress, True)
+            return
+        if not self.pack_interval_s:
+            # Each batch is what one read from the engine brought: send it as it comes. The
+            # Usage comes last, so the batch that holds it ends the answer; the engine is still
+            # read to its end (its connection then serves the next request).
+            ended = False
+            async for batch in events:
+                if not ended:
+                    ended = _note(progress, batch)
+                    await self._flush(request, progress, ended)
+            if not ended:
+                await self._flush(request, progress, True)
             return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump() -> None:
             try:
-                async for event in events:
-                    queue.put_nowait(event)
+                async for batch in events:
+                    queue.put_nowait(batch)
                 queue.put_nowait(_END)
             except Exception as exc:
                 queue.put_nowait(exc)
@@ -136,7 +151,7 @@ class Runner:
                         raise item
                     else:
                         _note(progress, item)
-                await self._flush(request, progress, done, merge=False)
+                await self._flush(request, progress, done)
                 last_sent = time.monotonic()
                 if done:
                     return
@@ -145,22 +160,24 @@ class Runner:
             with contextlib.suppress(asyncio.CancelledError):
                 await pumping
 
-    async def _flush(
-        self, request: schema.InferRequest, progress: Progress, done: bool, *, merge: bool
-    ) -> None:
-        """Send the pending deltas as Chunks of at most ``max_text_bytes`` of text each."""
-        deltas = _merged(progress.pending) if merge else progress.pending
+    async def _flush(self, request: schema.InferRequest, progress: Progress, done: bool) -> None:
+        """Send the pending text, one delta per choice, as Chunks of at most ``max_text_bytes`` each."""
+        if not done and not progress.pending:
+            return
+        deltas = _merged(progress.pending)
         progress.pending = []
         limit = self.max_text_bytes
-        chunks: list[list[schema.Delta]] = [[]]
-        size = 0
-        for delta in _split(deltas, limit):
-            n = len(delta.text.encode())
-            if size + n > limit and chunks[-1]:
-                chunks.append([])
-                size = 0
-            chunks[-1].append(delta)
-            size += n
+        if sum(len(d.text) for d in deltas) * 4 <= limit:  # UTF-8: at most 4 bytes a character
+            chunks = [deltas]
+        else:
+            chunks, size = [[]], 0
+            for delta in _split(deltas, limit):
+                n = len(delta.text.encode())
+                if size + n > limit and chunks[-1]:
+                    chunks.append([])
+                    size = 0
+                chunks[-1].append(delta)
+                size += n
         for i, part in enumerate(chunks):
             last = done and i == len(chunks) - 1
             chunk = schema.Chunk(
@@ -210,32 +227,41 @@ class Runner:
             created=request.created,
             sent=time.time(),
         )
-        with contextlib.suppress(nats.errors.Error):
+        with contextlib.suppress(nats.errors.Error):  # goes out with the answer's last message
             await self.nc.publish(self.subjects.usage, schema.encode(record))
-        self._log.info(
-            "request_served",
-            outcome=outcome,
-            endpoint=request.endpoint,
-            attempt=request.attempt,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            seconds=round(now - began, 4),
+        # The log line is written once the answer is on its way (call_soon keeps this context).
+        asyncio.get_running_loop().call_soon(
+            functools.partial(
+                self._log.info,
+                "request_served",
+                outcome=outcome,
+                endpoint=request.endpoint,
+                attempt=request.attempt,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                seconds=round(now - began, 4),
+            )
         )
 
 
-def _note(progress: Progress, event: schema.Delta | schema.Usage) -> None:
-    if isinstance(event, schema.Usage):
-        progress.usage = event
-        return
-    if event.text:
-        progress.tokens += 1
+def _note(progress: Progress, batch: Batch) -> bool:
+    """Take in what the engine sent; True once its Usage (its last word) came."""
+    if batch.tokens:
+        progress.tokens += batch.tokens
         if progress.first_token is None:
             progress.first_token = time.monotonic()
-    progress.pending.append(event)
+    progress.pending += batch.deltas
+    if batch.usage is not None:
+        progress.usage = batch.usage
+        return True
+    return False
 
 
 def _merged(deltas: list[schema.Delta]) -> list[schema.Delta]:
-    """A whole answer: one delta per choice, its text joined and its finish reason kept."""
+    """One delta per choice, its text joined and its finish reason kept: tokens that are sent
+    together need no boundaries between them (readers join them anyway)."""
+    if len(deltas) < 2:
+        return deltas
     by_choice: dict[int, schema.Delta] = {}
     texts: dict[int, list[str]] = {}
     for d in deltas:

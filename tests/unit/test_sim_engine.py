@@ -20,7 +20,8 @@ def chat(text: str, **kw) -> dict:
 
 
 async def run(eng: SimulatedEngine, body: dict, endpoint: str = "chat"):
-    events = [e async for e in eng.generate(endpoint, body)]
+    batches = [b async for b in eng.generate(endpoint, body)]
+    events = [e for b in batches for e in [*b.deltas, *([b.usage] if b.usage else [])]]
     deltas = [e for e in events if isinstance(e, schema.Delta)]
     usages = [e for e in events if isinstance(e, schema.Usage)]
     assert len(usages) == 1 and events[-1] is usages[0], "exactly one Usage, last"
@@ -103,7 +104,7 @@ async def test_requests_beyond_max_concurrency_wait_inside_the_engine():
     eng = engine(ttft_ms=1.0, itl_ms=1.0, max_concurrency=1)
     assert await eng.load() == schema.EngineLoad(running=0, waiting=0)
     gen_a = eng.generate("chat", chat("first", seed=1))
-    first_delta = await gen_a.__anext__()  # a holds the only slot while it is suspended here
+    [first_delta] = (await gen_a.__anext__()).deltas  # a holds the only slot while it is suspended here
     assert isinstance(first_delta, schema.Delta)
     b = asyncio.create_task(run(eng, chat("second", seed=2)))
 
@@ -112,8 +113,8 @@ async def test_requests_beyond_max_concurrency_wait_inside_the_engine():
 
     await wait_for(one_waiting)
     assert not b.done()
-    rest = [e async for e in gen_a]
-    assert isinstance(rest[-1], schema.Usage)
+    rest = [b async for b in gen_a]
+    assert rest[-1].usage is not None
     _, _, usage_b = await asyncio.wait_for(b, 5)
     assert usage_b.completion_tokens > 0
     assert await eng.load() == schema.EngineLoad(running=0, waiting=0)

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from shared import schema
 
-# What ``generate`` yields: text deltas as the engine makes them, then exactly one Usage at the end.
-Event = schema.Delta | schema.Usage
+
+@dataclass(slots=True)
+class Batch:
+    """What an engine had ready at once (one token of a slow engine; dozens from one network
+    read of a fast one): the text per choice, how many tokens it holds, and, in the last batch
+    only, the engine's usage."""
+
+    deltas: list[schema.Delta] = field(default_factory=list)  # at most one per choice
+    tokens: int = 0
+    usage: schema.Usage | None = None
 
 
 class Engine(abc.ABC):
@@ -30,9 +39,10 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(
         self, endpoint: schema.Endpoint, body: dict[str, Any], *, stream: bool = True
-    ) -> AsyncIterator[Event]:
-        """Run one request; ``body`` is the client's OpenAI request. With ``stream=False`` the engine
-        may produce the whole answer at once (fewer, larger deltas). Raises shared.errors on failure."""
+    ) -> AsyncIterator[Batch]:
+        """Run one request; ``body`` is the client's OpenAI request. Yields Batches as the engine
+        produces text; the last one carries the Usage. With ``stream=False`` the engine may
+        produce the whole answer at once. Raises shared.errors on failure."""
 
     async def count_prompt_tokens(self, endpoint: schema.Endpoint, body: dict[str, Any]) -> int:
         """The prompt's token count, for runs that end before the engine reported usage. 0: unknown."""

@@ -16,11 +16,13 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import aiohttp
+import msgspec
 import orjson
 import structlog
 
-from services.worker.engines.base import Engine, Event
+from services.worker.engines import answers
+from services.worker.engines.base import Batch, Engine
+from services.worker.engines.http import EngineClient, EngineHTTPError, EngineHTTPTimeout
 from shared import errors, schema
 from shared.children import cancel_and_wait, child_process_options, stop_process
 
@@ -30,7 +32,6 @@ _METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+([-+0-9.eE]+|
 _RUNNING = ("vllm:num_requests_running",)
 _WAITING = ("vllm:num_requests_waiting",)
 _KV = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
-_MAX_LINE = 16 << 20
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -130,16 +131,13 @@ class OpenAIServerEngine(Engine):
         self.metrics_path = metrics_path
         self.process = process
         self.read_timeout_s = read_timeout_s
-        self._session: aiohttp.ClientSession | None = None
+        self._http: EngineClient | None = None
         self._log = structlog.get_logger()
 
     async def start(self) -> None:
-        if self._session is not None:
+        if self._http is not None:
             return
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.read_timeout_s),
-            connector=aiohttp.TCPConnector(limit=0),  # the worker's capacity bounds the connections
-        )
+        self._http = EngineClient(self.base_url, read_timeout_s=self.read_timeout_s)
         if self.process is not None:
             await self.process.start()
         try:  # the worker bounds this wait with worker.engine_start_timeout_s
@@ -155,16 +153,16 @@ class OpenAIServerEngine(Engine):
 
     async def _healthy(self) -> bool:
         try:
-            async with self._session.get(self.base_url + self.health_path) as resp:
-                return resp.status == 200
-        except aiohttp.ClientError:
+            status, _ = await self._http.get(self.health_path, timeout_s=5)
+        except (EngineHTTPError, TimeoutError):
             return False
+        return status == 200
 
     async def _check_served_model(self) -> None:
         """Say at start, in the log, when the engine does not serve the name the config gives."""
         try:
-            async with asyncio.timeout(5), self._session.get(self.base_url + "/v1/models") as resp:
-                listed = [m.get("id") for m in (await resp.json(content_type=None)).get("data", [])]
+            _, raw = await self._http.get("/v1/models", timeout_s=5)
+            listed = [m.get("id") for m in orjson.loads(raw).get("data", [])]
         except Exception:  # an engine without /v1/models: nothing to check against
             return
         if listed and self.served_model not in listed:
@@ -178,69 +176,65 @@ class OpenAIServerEngine(Engine):
     async def stop(self) -> None:
         if self.process is not None:
             await self.process.stop()
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
+        if self._http is not None:
+            http, self._http = self._http, None
+            await http.close()
 
     async def load(self) -> schema.EngineLoad:
-        if not self.metrics_path or self._session is None:
+        if not self.metrics_path or self._http is None:
             return schema.EngineLoad()
         try:
             # A slow /metrics must not hold up the heartbeat that carries its figures.
-            async with asyncio.timeout(1.0), self._session.get(self.base_url + self.metrics_path) as resp:
-                return load_from_metrics(parse_metrics(await resp.text(errors="replace")))
-        except (aiohttp.ClientError, TimeoutError, ValueError):
+            _, raw = await self._http.get(self.metrics_path, timeout_s=1.0)
+            return load_from_metrics(parse_metrics(raw.decode(errors="replace")))
+        except (EngineHTTPError, TimeoutError, ValueError):
             return schema.EngineLoad()
 
     async def generate(
         self, endpoint: schema.Endpoint, body: dict[str, Any], *, stream: bool = True
-    ) -> AsyncIterator[Event]:
-        if self._session is None:
+    ) -> AsyncIterator[Batch]:
+        if self._http is None:
             raise errors.EngineError("engine is not started")
         payload = dict(body, model=self.served_model, stream=stream)
         if stream:
             payload["stream_options"] = {"include_usage": True}
         else:
             payload.pop("stream_options", None)
+        usage_seen, tokens = False, 0
         try:
-            async with self._session.post(
-                self.base_url + _PATHS[endpoint],
-                data=orjson.dumps(payload),
-                headers={"Content-Type": "application/json"},
+            accept = "text/event-stream" if stream else "application/json"
+            async with self._http.request(
+                "POST", _PATHS[endpoint], orjson.dumps(payload), accept=accept
             ) as resp:
                 if resp.status != 200:
-                    raise self._engine_error(resp.status, await resp.read(), resp.headers.get("Retry-After"))
-                if stream:
-                    events = _streamed(endpoint, resp.content)
+                    raise self._engine_error(resp.status, await resp.read(), resp.headers.get("retry-after"))
+                if not stream:
+                    batch = answers.whole(endpoint, await resp.read())
+                    usage_seen = batch.usage is not None
+                    yield batch
                 else:
-                    events = _whole(endpoint, await resp.read())
-                usage: schema.Usage | None = None
-                completion_deltas = 0
-                async for event in events:
-                    if isinstance(event, schema.Usage):
-                        usage = event
-                    else:
-                        completion_deltas += bool(event.text)
-                        yield event
-        except TimeoutError:
+                    async for batch in answers.streamed(endpoint, resp.blocks()):
+                        usage_seen = usage_seen or batch.usage is not None
+                        tokens += batch.tokens
+                        yield batch
+        except EngineHTTPTimeout:
             raise errors.EngineTimeout(f"the engine sent nothing for {self.read_timeout_s:g} s") from None
-        except aiohttp.ClientError as exc:
-            self._log.warning("engine_connection_failed", error=repr(exc))
+        except EngineHTTPError as exc:
+            self._log.warning("engine_connection_failed", error=str(exc))
             raise errors.EngineError("the connection to the engine failed") from None
-        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
-            self._log.warning("engine_answer_malformed", error=repr(exc))
+        except msgspec.DecodeError as exc:
+            self._log.warning("engine_answer_malformed", error=str(exc)[:300])
             raise errors.EngineError("the engine sent a malformed answer") from None
-        if usage is None:
-            # The server ignores stream_options: one streamed delta is one token, and the prompt
+        if not usage_seen:
+            # The server ignores stream_options: one streamed event is one token, and the prompt
             # is counted by the engine's own tokenizer where this class knows it.
             prompt = await self.count_prompt_tokens(endpoint, body)
-            usage = schema.Usage(prompt_tokens=prompt, completion_tokens=completion_deltas)
-        yield usage
+            yield Batch(usage=schema.Usage(prompt_tokens=prompt, completion_tokens=tokens))
 
     def _engine_error(self, status: int, raw: bytes, retry_after: str | None) -> errors.FirstError:
         """The engine's refusal, in terms the caller (or for our own mistakes, an operator) can act on."""
         try:
-            message = _message(orjson.loads(raw))
+            message = answers.message(orjson.loads(raw))
         except (orjson.JSONDecodeError, TypeError):
             message = raw.decode(errors="replace")
         message = message[:500]
@@ -271,70 +265,3 @@ def _seconds(header: str | None, default: float = 1.0) -> float:
     except ValueError:
         return default
     return min(max(value, 0.0), 3600.0) if math.isfinite(value) else default
-
-
-async def _sse_data(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """The ``data:`` payloads of a server-sent event stream, read a block at a time (an engine
-    writes many events at once when it is fast; one await per line would cost more than parsing)."""
-    rest = b""
-    async for block in stream.iter_any():
-        *lines, rest = (rest + block).split(b"\n")
-        if len(rest) > _MAX_LINE:
-            raise errors.EngineError("the engine sent an event line longer than 16 MiB")
-        for line in lines:
-            if line.startswith(b"data:"):
-                yield line[5:].strip()
-    if rest.startswith(b"data:"):
-        yield rest[5:].strip()
-
-
-async def _streamed(endpoint: schema.Endpoint, content: aiohttp.StreamReader) -> AsyncIterator[Event]:
-    async for data in _sse_data(content):
-        if data == b"[DONE]":
-            break
-        event = orjson.loads(data)
-        if event.get("error"):
-            raise errors.EngineError(f"the engine failed mid-answer: {_message(event)[:500]}")
-        for choice in event.get("choices") or ():
-            text = _choice_text(endpoint, choice, "delta")
-            finish = choice.get("finish_reason")
-            finish = finish if isinstance(finish, str) else None
-            if text or finish:
-                yield schema.Delta(text=text, index=_count(choice.get("index"), 1024), finish_reason=finish)
-        if u := event.get("usage"):
-            yield _usage(u)
-
-
-async def _whole(endpoint: schema.Endpoint, raw: bytes) -> AsyncIterator[Event]:
-    answer = orjson.loads(raw)
-    for choice in answer.get("choices") or ():
-        text = _choice_text(endpoint, choice, "message")
-        finish = choice.get("finish_reason")
-        yield schema.Delta(
-            text=text,
-            index=_count(choice.get("index"), 1024),
-            finish_reason=finish if isinstance(finish, str) else None,
-        )
-    if u := answer.get("usage"):
-        yield _usage(u)
-
-
-def _count(value: object, top: int = 1_000_000_000) -> int:
-    """An engine's number, trusted only as far as the wire schema allows."""
-    return value if isinstance(value, int) and 0 <= value <= top else 0
-
-
-def _usage(u: dict) -> schema.Usage:
-    return schema.Usage(_count(u.get("prompt_tokens")), _count(u.get("completion_tokens")))
-
-
-def _choice_text(endpoint: schema.Endpoint, choice: dict, key: str) -> str:
-    text = choice.get("text") if endpoint == "completion" else (choice.get(key) or {}).get("content")
-    return text if isinstance(text, str) else ""
-
-
-def _message(payload: dict) -> str:
-    err = payload.get("error")
-    if isinstance(err, dict):
-        return str(err.get("message") or err)
-    return str(err or payload.get("message") or payload.get("detail") or payload)

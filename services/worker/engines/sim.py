@@ -14,7 +14,7 @@ import random
 from collections.abc import AsyncIterator
 from typing import Any
 
-from services.worker.engines.base import Engine, Event, max_tokens, prompt_text
+from services.worker.engines.base import Batch, Engine, max_tokens, prompt_text
 from shared import config as cfg
 from shared import schema
 
@@ -60,7 +60,7 @@ class SimulatedEngine(Engine):
 
     async def generate(
         self, endpoint: schema.Endpoint, body: dict[str, Any], *, stream: bool = True
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncIterator[Batch]:
         s = self.settings
         prompt = prompt_text(endpoint, body)
         seed = body.get("seed") if isinstance(body.get("seed"), int) else None
@@ -95,14 +95,15 @@ class SimulatedEngine(Engine):
                     await asyncio.sleep(s.itl_ms / 1000)
                 produced += 1
                 last = produced == n
-                yield schema.Delta(
+                delta = schema.Delta(
                     text=word if i == 0 else " " + word, finish_reason=finish if last else None
                 )
+                yield Batch([delta], tokens=1)
             else:
                 finish = None  # already sent with the last token
-            if finish is not None:
-                yield schema.Delta(text="", finish_reason=finish)
-            yield schema.Usage(prompt_tokens=max(1, len(prompt.split())), completion_tokens=produced)
+            usage = schema.Usage(prompt_tokens=max(1, len(prompt.split())), completion_tokens=produced)
+            ending = [schema.Delta(text="", finish_reason=finish)] if finish is not None else []
+            yield Batch(ending, usage=usage)
         finally:
             self._running -= 1
             self._slots.release()
