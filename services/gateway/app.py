@@ -8,7 +8,7 @@ from services.gateway import handlers, keys, openapi
 from services.gateway.auth import auth_middleware
 from services.gateway.middleware import request_middleware
 from services.gateway.server import serve
-from shared.client import FirstClient
+from shared.client import FirstClient, LocalRouter
 from shared.config import Config
 from shared.connect import close, connect
 from shared.subjects import Subjects
@@ -16,7 +16,10 @@ from shared.subjects import Subjects
 
 async def _nats_ctx(app: web.Application):
     config = app[keys.CONFIG]
-    nc = await connect(app[keys.NATS_URL], "first-gateway")
+    local_router = app.get(keys.LOCAL_ROUTER)
+    # Beside a router, one connection serves both: a worker's Started and its reply to the
+    # router then arrive in one read.
+    nc = local_router.nc if local_router is not None else await connect(app[keys.NATS_URL], "first-gateway")
     client = FirstClient(
         nc,
         Subjects(config.nats.subject_prefix),
@@ -24,20 +27,26 @@ async def _nats_ctx(app: web.Application):
         stall_timeout_s=config.gateway.stall_timeout_s,
         missed_heartbeats=config.router.missed_heartbeats,
         max_buffered_bytes=config.gateway.max_buffered_bytes,
+        local_router=local_router,
     )
     await client.start()
     app[keys.NC], app[keys.CLIENT] = nc, client
     yield
     await client.stop()
-    await close(nc)
+    if local_router is None:
+        await close(nc)
 
 
-def create_app(config: Config, nats_url: str) -> web.Application:
+def create_app(config: Config, nats_url: str, *, local_router: LocalRouter | None = None) -> web.Application:
+    """The gateway; ``local_router``: a router running in this process, which gets the requests
+    by a call rather than over NATS (``first up``)."""
     app = web.Application(
         middlewares=[request_middleware, auth_middleware], client_max_size=config.gateway.max_body_bytes
     )
     app[keys.CONFIG] = config
     app[keys.NATS_URL] = nats_url
+    if local_router is not None:
+        app[keys.LOCAL_ROUTER] = local_router
     app.cleanup_ctx.append(_nats_ctx)
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_post("/v1/completions", handlers.completions)

@@ -36,6 +36,9 @@ def check_media_type(request: web.Request) -> None:
 async def read_json_body(request: web.Request) -> None:
     """Check the media type, then read the whole body in time (408) and intact (400)."""
     check_media_type(request)
+    if request.content.is_eof():  # the whole body came with the head: nothing to wait for
+        await request.read()
+        return
     timeout = request.app[keys.CONFIG].gateway.body_timeout_s
     try:
         async with asyncio.timeout(timeout):

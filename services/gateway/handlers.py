@@ -28,9 +28,9 @@ async def _infer(
     await read_json_body(request)  # 415 unless JSON; 408 if the body trickles; then kept for read()
     raw = await request.read()
     req = parse_request(raw, kind)
-    request["model"] = req.model  # unknown models: the router answers 404, as it does NATS callers
+    request[keys.MODEL] = req.model  # unknown models: the router answers 404, as it does NATS callers
     client = request.app[keys.CLIENT]
-    request_id = request["request_id"]
+    request_id = request[keys.REQUEST_ID]
     shape = ResponseShape(endpoint, request_id, req.model, include_usage=req.include_usage)
     if not req.stream:
         result = await client.complete(req.model, endpoint, raw, request_id=request_id)
@@ -55,19 +55,23 @@ async def _infer(
                         }
                     )
                     await response.prepare(request)
-                # None: the answer is still coming (queued, a cold start, the engine's own queue).
-                await response.write(KEEPALIVE if chunk is None else framer.frame(chunk))
+                if chunk is None:  # the answer is still coming (queued, a cold start, the engine's queue)
+                    await response.write(KEEPALIVE)
+                elif chunk.done:  # the last events and the end of the body in one write
+                    await response.write_eof(framer.frame(chunk))
+                else:
+                    await response.write(framer.frame(chunk))
         except errors.FirstError as exc:
             if response is None:
                 raise
-            await response.write(error_events(exc))
+            await response.write_eof(error_events(exc))
         except ConnectionResetError:
             # The client went away mid-stream; leaving the block cancels the request on the worker.
             structlog.get_logger().info("client_disconnected")
             return response
     if response is None:
         raise errors.EngineError("the answer ended before it began")
-    await response.write_eof()
+    await response.write_eof()  # a no-op when the last chunk already ended the body
     return response
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import math
 import re
 import time
@@ -10,8 +12,9 @@ from collections.abc import Awaitable, Callable
 import orjson
 import structlog
 from aiohttp import web
-from structlog.contextvars import bound_contextvars
+from structlog.contextvars import bind_contextvars
 
+from services.gateway import keys
 from services.gateway.clip import clip
 from services.gateway.protocol import error_body
 from shared import errors
@@ -53,32 +56,38 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     # Our id is always fresh: it names the request's NATS subjects, so two clients that send the
     # same X-Request-Id must not collide. Theirs is logged beside it to follow a request across systems.
     request_id = new_id()
-    request["request_id"] = request_id
+    request[keys.REQUEST_ID] = request_id
     given = request.headers.get(REQUEST_ID_HEADER, "")
     client_id = {"client_request_id": given} if _SAFE_ID.fullmatch(given) else {}
     log = structlog.get_logger()
     started = time.monotonic()
-    with bound_contextvars(service="gateway", request_id=request_id, **client_id):
-        try:
-            response = await handler(request)
-        except errors.FirstError as exc:
-            response = error_response(exc)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            response = error_response(_from_http(exc))
-        except Exception:
-            log.exception("unhandled_error", path=clip(request.path))
-            response = error_response(errors.FirstError("Internal error; it has been logged."))
-        if not response.prepared:
-            response.headers[REQUEST_ID_HEADER] = request_id
-        # Everything the client chose is clipped: a line per request must stay a line.
-        log.info(
+    # aiohttp runs each request in a task of its own, with a copy of the context: this binding
+    # ends with the request.
+    bind_contextvars(service="gateway", request_id=request_id, **client_id)
+    try:
+        response = await handler(request)
+    except errors.FirstError as exc:
+        response = error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = error_response(_from_http(exc))
+    except Exception:
+        log.exception("unhandled_error", path=clip(request.path))
+        response = error_response(errors.FirstError("Internal error; it has been logged."))
+    if not response.prepared:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    # Everything the client chose is clipped: a line per request must stay a line. Written once
+    # the response is on its way (call_soon keeps this context, and so the request id).
+    asyncio.get_running_loop().call_soon(
+        functools.partial(
+            log.info,
             "http_request",
             method=clip(request.method),
             path=clip(request.path),
             status=response.status,
-            model=clip(request.get("model")),
+            model=clip(request.get(keys.MODEL)),
             seconds=round(time.monotonic() - started, 4),
         )
-        return response
+    )
+    return response

@@ -49,6 +49,7 @@ class Router(Lifecycle):
         self.registry = Registry(self.settings.missed_heartbeats)
         self.view = ClusterView(config, self.registry, start_timeout_s=config.scaler.start_timeout_s)
         self.queues = {m.id: ModelQueue() for m in config.models}
+        self._models = {m.id: m for m in config.models}
         self.dispatches = Dispatches(self.settings.dispatch_timeout_s)
         self._cancelled = RecentIds()
         self._published: dict[str, int] = {}  # the queue length each model's last Demand said
@@ -103,6 +104,18 @@ class Router(Lifecycle):
 
     # --- admission -----------------------------------------------------------------------------
 
+    async def submit(self, request: schema.InferRequest, data: bytes) -> bool:
+        """A request from a caller in this process (shared.client.LocalRouter): as if it came on
+        ``<p>.v1.infer``, without the round trip. False when this router is not running."""
+        if self._task is None or not self._infer_subs:
+            return False
+        try:
+            await self._admit(request, data)
+        except Exception:
+            self._log.exception("submit_failed", request_id=request.request_id)
+            return False
+        return True
+
     @guarded
     async def _on_infer(self, msg) -> None:
         try:
@@ -122,7 +135,7 @@ class Router(Lifecycle):
             err = errors.Conflict(f"request id {rid} (attempt {request.attempt}) was already submitted")
             await self._send(request.reply_to, err.to_wire(rid, request.attempt))
             return
-        model = self.config.model(request.model)
+        model = self._models.get(request.model)
         if model is None:
             known = ", ".join(self.queues) or "none"
             err = errors.ModelNotFound(
