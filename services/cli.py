@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sys
 
 from shared.config import ConfigError, load_config
@@ -66,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         runner = uvloop.run
     except ImportError:  # not on Linux
         runner = asyncio.run
+    # Requests make many short-lived objects and hardly any cycles: leave the objects of start-up
+    # out of collections, and collect the youngest generation less often (a few % of CPU).
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     try:
         return runner(run.COMMANDS[args.command](config, args))
     except run.UsageError as exc:

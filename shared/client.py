@@ -356,6 +356,8 @@ class FirstClient(Lifecycle):
         call.last_message = now
         match m:
             case schema.Chunk():
+                if m.started is not None and call.started is None:
+                    await self._adopt(call, m.started)
                 if call.overflowed:
                     return
                 call.buffered += len(msg.data)
@@ -374,9 +376,7 @@ class FirstClient(Lifecycle):
                     if m.worker_id != call.started.worker_id:
                         await self._stop_run(m, "duplicate")
                     return
-                call.started = m
-                run = schema.run_key(m.request_id, m.attempt)
-                await self._hold(call, self.subjects.worker_runs(m.worker_id), m.interval_s, run)
+                await self._adopt(call, m)
             case schema.Accepted():
                 if call.started is None:
                     await self._hold(call, self.subjects.router_heartbeat(m.router_id), m.interval_s)
@@ -385,6 +385,12 @@ class FirstClient(Lifecycle):
                     call.signal("retry", m.reason)
             case schema.Error():
                 call.put(m)
+
+    async def _adopt(self, call: _Call, started: schema.Started) -> None:
+        """A worker runs the request: from now on, watch that worker."""
+        call.started = started
+        run = schema.run_key(started.request_id, started.attempt)
+        await self._hold(call, self.subjects.worker_runs(started.worker_id), started.interval_s, run)
 
     async def _hold(self, call: _Call, subject: str, interval_s: float, run: str = "") -> None:
         if call.holder and call.holder != subject:

@@ -114,7 +114,8 @@ class Delta(msgspec.Struct, omit_defaults=True):
 
 class Started(_Msg, tag="started"):
     """A worker runs the request. It lists its runs on ``<p>.v1.worker.<worker_id>.runs`` every
-    ``interval_s``; the caller watches them until the answer ends."""
+    ``interval_s``; the caller watches them until the answer ends. Sent on its own when the
+    answer's first text is not ready within moments; else it rides in the first Chunk."""
 
     request_id: Token
     worker_id: Token
@@ -130,6 +131,9 @@ class Chunk(_Msg, tag="chunk"):
     usage: Usage | None = None
     done: bool = False  # the last message of a successful answer
     attempt: Attempt = 0
+    # On a run's first Chunk when its Started was not sent on its own (the text came quickly):
+    # one message instead of two.
+    started: Started | None = None
 
 
 class Error(_Msg, tag="error"):

@@ -23,6 +23,7 @@ from shared.client import new_id
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID_HEADER = "X-Request-Id"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_log = structlog.get_logger()  # a lazy proxy: configured at first use, not at import
 
 # aiohttp's own HTTP errors (unknown path, wrong method, body too large) in our envelope.
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
@@ -59,7 +60,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     request[keys.REQUEST_ID] = request_id
     given = request.headers.get(REQUEST_ID_HEADER, "")
     client_id = {"client_request_id": given} if _SAFE_ID.fullmatch(given) else {}
-    log = structlog.get_logger()
+    log = _log
     started = time.monotonic()
     # aiohttp runs each request in a task of its own, with a copy of the context: this binding
     # ends with the request.

@@ -29,11 +29,14 @@ from shared import errors, schema
 from shared.subjects import Subjects
 
 _END = object()
+STARTED_ALONE_AFTER_S = 0.05
 _CHUNK_OVERHEAD = 256  # a Chunk's fields besides the text, with room to spare
 
 
 @dataclass(slots=True)
 class Progress:
+    started: schema.Started | None  # not sent yet: it goes with the first Chunk, or on its own soon
+    sending: asyncio.Future | None = None
     seq: int = 0  # the next Chunk's number
     tokens: int = 0  # text deltas sent so far
     first_token: float | None = None
@@ -65,11 +68,16 @@ class Runner:
     def max_text_bytes(self) -> int:
         return max(1024, min(self.nc.max_payload, 1 << 20) // 2 - _CHUNK_OVERHEAD)
 
-    async def run(self, request: schema.InferRequest) -> None:
+    async def run(self, request: schema.InferRequest, started: schema.Started) -> None:
         # This runs in a task of its own, whose context is a copy: the binding ends with it.
         bind_contextvars(request_id=request.request_id)
         began = time.monotonic()
-        progress = Progress()
+        progress = Progress(started)
+        # An answer that begins at once takes its Started along in its first Chunk; one that does
+        # not (a prefill, the engine's queue) sends it on its own, so its caller can watch us.
+        timer = asyncio.get_running_loop().call_later(
+            STARTED_ALONE_AFTER_S, self._start_sending_started, request, progress
+        )
         outcome = "ok"
         body: dict[str, Any] = {}
         try:
@@ -102,6 +110,7 @@ class Runner:
             err = errors.EngineError("the engine failed; the worker's log has the details")
             await self._send(request, err.to_wire(request.request_id, request.attempt))
         finally:
+            timer.cancel()
             await self._account(request, body, progress, outcome, began)
 
     async def _relay(self, request: schema.InferRequest, body: dict[str, Any], progress: Progress) -> None:
@@ -187,9 +196,17 @@ class Runner:
                 usage=progress.usage if last else None,
                 done=last,
                 attempt=request.attempt,
+                started=progress.started,
             )
+            progress.started = None
             progress.seq += 1
             await self.nc.publish(request.reply_to, schema.encode(chunk))
+
+    def _start_sending_started(self, request: schema.InferRequest, progress: Progress) -> None:
+        if progress.started is not None:
+            started, progress.started = progress.started, None
+            # Held by the run (a publish: done within this step of the loop).
+            progress.sending = asyncio.ensure_future(self._send(request, started))
 
     async def _send(self, request: schema.InferRequest, message: schema.StreamMsg) -> None:
         with contextlib.suppress(nats.errors.Error):

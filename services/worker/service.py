@@ -232,17 +232,14 @@ class Worker(Lifecycle):
             await self._answer(msg, False, reason)
             return
         self._ran.add(key)
-        task = asyncio.create_task(self._runner.run(request), name=f"request-{key}")
+        started = schema.Started(
+            request.request_id, self.worker_id, self.cluster, self.settings.heartbeat_s, request.attempt
+        )
+        task = asyncio.create_task(self._runner.run(request, started), name=f"request-{key}")
         self._tasks[key] = task
         task.add_done_callback(lambda _t, k=key: self._request_done(k))
         if self.in_flight >= self.model.capacity:
             self._beat_now.set()  # full: routers should stop sending here before the next beat
-        # The caller hears of its worker before the router lets go of the request.
-        started = schema.Started(
-            request.request_id, self.worker_id, self.cluster, self.settings.heartbeat_s, request.attempt
-        )
-        with contextlib.suppress(nats.errors.Error):
-            await self.nc.publish(request.reply_to, schema.encode(started))
         await self._answer(msg, True)
 
     async def _answer(self, msg, accepted: bool, reason: str = "") -> None:

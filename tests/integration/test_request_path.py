@@ -165,3 +165,31 @@ async def test_a_cancel_that_overtakes_its_request_still_stops_it(services, nc, 
     reply = schema.dispatch_reply_decoder.decode(msg.data)
     assert (reply.accepted, reply.reason) == (False, schema.CANCELLED)
     assert worker.in_flight == 0
+
+
+async def test_a_quick_answer_carries_its_started_and_a_slow_one_sends_it_first(services, nc, subjects):
+    """One message fewer per request when the engine answers at once; a caller whose answer is slow
+    to begin still hears within moments which worker to watch."""
+    quick = {"kind": "sim", "ttft_ms": 0, "itl_ms": 0}
+    slow = {"kind": "sim", "ttft_ms": 400, "itl_ms": 0}
+    config = make_config([{"id": "m", "engine": quick}, {"id": "slow", "engine": slow}])
+    await services.router(config)
+    await services.worker(config, "m", worker_id="q")
+    await services.worker(config, "slow", worker_id="s")
+    client = await services.client()
+    seen: list = []
+
+    async def on_reply(msg):
+        seen.append(schema.stream_decoder.decode(msg.data))
+
+    await nc.subscribe(subjects.reply_stream_all(client.client_id), cb=on_reply)
+    result = await client.complete("m", "chat", chat(max_tokens=3))
+    await eventually(lambda: seen, what="the answer on the wire")
+    assert result.worker_id == "q" and [type(m).__name__ for m in seen] == ["Chunk"]
+    assert seen[0].started.worker_id == "q"
+    seen.clear()
+    body = orjson.dumps({"model": "slow", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+    call = asyncio.create_task(client.complete("slow", "chat", body))
+    await eventually(lambda: seen, timeout=0.3, what="Started before the text")
+    assert isinstance(seen[0], schema.Started) and seen[0].worker_id == "s"
+    assert (await call).worker_id == "s"
