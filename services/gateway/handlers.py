@@ -10,7 +10,7 @@ from services.gateway import keys
 from services.gateway.body import read_json_body
 from services.gateway.middleware import REQUEST_ID_HEADER, json_response
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, ResponseShape, parse_request
-from services.gateway.sse import KEEPALIVE, ChunkFramer, error_events
+from services.gateway.sse import KEEPALIVE, ChunkFramer, EventStreamResponse, error_events
 from shared import errors, schema
 
 
@@ -47,13 +47,7 @@ async def _infer(
                 if response is None:
                     # Headers go out with the first tokens (or once the wait is long enough to need
                     # keep-alives), so queueing and engine errors that come earlier keep their status.
-                    response = web.StreamResponse(
-                        headers={
-                            "Content-Type": "text/event-stream",
-                            "Cache-Control": "no-cache",
-                            REQUEST_ID_HEADER: request_id,
-                        }
-                    )
+                    response = EventStreamResponse(request_id, REQUEST_ID_HEADER)
                     await response.prepare(request)
                 if chunk is None:  # the answer is still coming (queued, a cold start, the engine's queue)
                     await response.write(KEEPALIVE)

@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import orjson
+from aiohttp import web
 
 from services.gateway.protocol import ResponseShape, error_body
 from shared import errors, schema
 
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see the stream is alive
+
+
+class EventStreamResponse(web.StreamResponse):
+    """An SSE response whose headers go out with its first events, in one write (aiohttp sends a
+    StreamResponse's headers at once, on their own, unless told otherwise). When the whole answer
+    came at once, headers, events and the end of the body are one system call."""
+
+    _send_headers_immediately = False  # aiohttp >= 3.12; web.Response does the same
+
+    def __init__(self, request_id: str, request_id_header: str):
+        super().__init__(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                request_id_header: request_id,
+            }
+        )
 
 
 def event(obj: dict) -> bytes:
