@@ -93,11 +93,13 @@ async def measure(nats_url: str, tmp: Path, *, pack: float, via: str, args) -> d
                 url = stack.base_url + "/v1/completions"
 
                 async def call(i: int) -> int:
+                    # Tokens from the usage chunk: the gateway may carry several in one event.
                     n = 0
-                    async with http.post(url, json=dict(body, seed=i)) as r:
+                    streamed = dict(body, seed=i, stream_options={"include_usage": True})
+                    async with http.post(url, json=streamed) as r:
                         async for line in r.content:
-                            if line.startswith(b"data: {"):
-                                n += any(c["text"] for c in orjson.loads(line[6:])["choices"])
+                            if line.startswith(b"data: {") and (usage := orjson.loads(line[6:]).get("usage")):
+                                n = usage["completion_tokens"]
                     return n
 
                 elapsed, latencies, tokens = await run_load(call, args.requests, args.concurrency)
