@@ -21,6 +21,7 @@ from shared.book import DemandBook, WorkerBook
 from shared.connect import unsubscribe
 from shared.lifecycle import Lifecycle
 from shared.subjects import Subjects
+from shared.supervise import guarded
 
 _MAX_BACKOFF_S = 60.0
 
@@ -77,6 +78,7 @@ class Scaler(Lifecycle):
         await self._poll_providers()
         self._log.info("scaler_stopped")
 
+    @guarded
     async def _on_heartbeat(self, msg) -> None:
         with contextlib.suppress(msgspec.DecodeError):
             beat = schema.heartbeat_decoder.decode(msg.data)
@@ -84,6 +86,7 @@ class Scaler(Lifecycle):
             if beat.state == "ready":
                 self._failures.pop(beat.model, None)
 
+    @guarded
     async def _on_demand(self, msg) -> None:
         with contextlib.suppress(msgspec.DecodeError):
             self.demand.observe(schema.demand_decoder.decode(msg.data))
