@@ -157,3 +157,15 @@ async def test_a_slow_worker_does_not_hold_up_the_requests_behind_it(services, n
     assert all(c.result().worker_id == "fine" for c in calls if c.done())
     for c in calls:
         c.cancel()
+
+
+async def test_nats_trouble_at_the_caller_is_a_503_with_retry_after_not_a_500(services):
+    config = make_config([{"id": "m"}])
+    await services.router(config)
+    client = await services.client()
+    await client.nc.close()  # the connection is gone (a server that went away, a closed client)
+    with pytest.raises(errors.NoCapacity, match="message bus is unavailable") as info:
+        await client.complete("m", "chat", chat())
+    assert info.value.status == 503 and info.value.retry_after_s
+    with pytest.raises(errors.NoCapacity):
+        await client.status()
