@@ -9,10 +9,15 @@ import nats
 import pytest
 
 from services.router.service import Router
-from services.worker.engines.sim import SimulatedEngine
+from services.worker.engines import make_engine
 from services.worker.service import Worker
 from shared import config as cfg
 from shared.client import FirstClient
+
+
+def openai_engine(url: str, served_model: str = "mock", **fields) -> dict:
+    """The config of an ``openai`` engine: a server already running at ``url`` (a test double)."""
+    return {"kind": "openai", "url": url, "served_model": served_model, "health_path": "/health", **fields}
 
 
 def make_config(models: list[dict], **sections) -> cfg.Config:
@@ -43,8 +48,9 @@ class Services:
         return router
 
     async def worker(self, config: cfg.Config, model: str, cluster: str = "a", **kw) -> Worker:
+        """A worker with the engine its model's config names, as ``first worker`` builds it."""
         model_cfg = config.model(model)
-        engine = SimulatedEngine(model_cfg.engine)
+        engine = make_engine(model_cfg)
         worker = Worker(await self.connect(), self.subjects, config.worker, model_cfg, cluster, engine, **kw)
         await self.stack.enter_async_context(worker)
         return worker

@@ -11,23 +11,19 @@ import asyncio
 import orjson
 
 from services.gateway.app import create_app, start_site
-from services.worker.engines import make_engine
-from services.worker.service import Worker
 from shared import schema
-from tests.integration.conftest import make_config
+from tests.integration.conftest import make_config, openai_engine
 from tests.mock_engine import start as start_mock_engine
 from tests.support import eventually
 
 
 async def mock_worker(services, subjects, mock, **sections):
-    engine = {"kind": "openai", "url": mock.url, "served_model": "mock", "health_path": "/health"}
+    engine = openai_engine(mock.url)
     config = make_config(
         [{"id": "m", "engine": engine}], nats={"subject_prefix": subjects.prefix}, **sections
     )
     await services.router(config)
-    model = config.model("m")
-    worker = Worker(await services.connect(), subjects, config.worker, model, "a", make_engine(model))
-    await services.stack.enter_async_context(worker)
+    await services.worker(config, "m")
     return config
 
 

@@ -10,10 +10,8 @@ import msgspec
 import orjson
 import pytest
 
-from services.worker.engines import make_engine
-from services.worker.service import Worker
 from shared import errors, schema
-from tests.integration.conftest import make_config
+from tests.integration.conftest import make_config, openai_engine
 from tests.mock_engine import start as start_mock_engine
 from tests.support import eventually
 
@@ -121,12 +119,9 @@ async def test_every_run_leaves_one_usage_record_with_the_tokens_it_made(service
 
 async def test_an_engine_failure_is_a_502_and_a_usage_record(services, nc, subjects):
     async with await start_mock_engine(models=["served"]) as mock:
-        engine = {"kind": "openai", "url": mock.url, "served_model": "served", "health_path": "/health"}
-        config = make_config([{"id": "m", "engine": engine}], worker=BEAT)
+        config = make_config([{"id": "m", "engine": openai_engine(mock.url, "served")}], worker=BEAT)
         await services.router(config)
-        model = config.model("m")
-        worker = Worker(await services.connect(), subjects, config.worker, model, "a", make_engine(model))
-        await services.stack.enter_async_context(worker)
+        await services.worker(config, "m")
         usage = Inbox(schema.usage_decoder)
         await nc.subscribe(subjects.usage, cb=usage.on)
         client = await services.client()
@@ -142,14 +137,11 @@ async def test_an_engine_failure_is_a_502_and_a_usage_record(services, nc, subje
         assert usage.items[0].request_id == "broken" and usage.items[0].outcome == "engine_error"
 
 
-async def test_a_wrong_served_model_tells_an_operator_what_to_fix(services, subjects):
+async def test_a_wrong_served_model_tells_an_operator_what_to_fix(services):
     async with await start_mock_engine(models=["the-real-name"]) as mock:
-        engine = {"kind": "openai", "url": mock.url, "served_model": "a-typo", "health_path": "/health"}
-        config = make_config([{"id": "m", "engine": engine}], worker=BEAT)
+        config = make_config([{"id": "m", "engine": openai_engine(mock.url, "a-typo")}], worker=BEAT)
         await services.router(config)
-        model = config.model("m")
-        worker = Worker(await services.connect(), subjects, config.worker, model, "a", make_engine(model))
-        await services.stack.enter_async_context(worker)
+        await services.worker(config, "m")
         client = await services.client()
         with pytest.raises(errors.EngineError, match="served_model") as info:
             await client.complete("m", "chat", chat())
@@ -247,15 +239,12 @@ async def test_hostile_messages_on_nats_change_nothing_for_callers(services, nc,
 async def test_garbage_engine_metrics_never_stop_the_heartbeats(services, nc, subjects):
     """NaN gauges once killed the heartbeat loop for good; the worker then looked dead to routers."""
     async with await start_mock_engine(models=["served"], metrics="garbage") as mock:
-        engine = {"kind": "openai", "url": mock.url, "served_model": "served", "health_path": "/health"}
-        engine["metrics_path"] = "/metrics"
+        engine = openai_engine(mock.url, "served", metrics_path="/metrics")
         config = make_config([{"id": "m", "engine": engine}], worker={"heartbeat_s": 0.1})
         await services.router(config)
         beats = Inbox(schema.heartbeat_decoder)
         await nc.subscribe(subjects.heartbeat_all, cb=beats.on)
-        model = config.model("m")
-        worker = Worker(await services.connect(), subjects, config.worker, model, "a", make_engine(model))
-        await services.stack.enter_async_context(worker)
+        await services.worker(config, "m")
         await eventually(lambda: sum(b.state == "ready" for b in beats.items) >= 5, what="five ready beats")
         client = await services.client()
         assert (await client.complete("m", "chat", chat(max_tokens=2))).usage.completion_tokens == 2

@@ -11,8 +11,6 @@ import orjson
 import pytest
 from aiohttp import web
 
-from services.worker.engines import make_engine
-from services.worker.service import Worker
 from shared import errors, schema
 from tests.integration.conftest import make_config
 from tests.support import eventually, free_port
@@ -82,9 +80,7 @@ async def test_worker_streams_from_an_engine_server_and_reports_its_load(service
         beats.append(schema.heartbeat_decoder.decode(msg.data))
 
     await nc.subscribe(subjects.heartbeat_all, cb=on_beat)
-    model = config.model("org/model")
-    worker = Worker(await services.connect(), subjects, config.worker, model, "a", make_engine(model))
-    await services.stack.enter_async_context(worker)
+    await services.worker(config, "org/model")
     client = await services.client()
 
     body = {"model": "org/model", "messages": [{"role": "user", "content": "hi"}], "top_k": 5}
