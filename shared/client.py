@@ -26,9 +26,7 @@ import contextlib
 import itertools
 import secrets
 import time
-from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgspec
@@ -37,6 +35,7 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from shared import errors, schema
+from shared.answer import KEEPALIVE, Answer, Call, Completion, Inbox, Signal
 from shared.lifecycle import Lifecycle
 from shared.liveness import Watches
 from shared.subjects import Subjects
@@ -66,126 +65,6 @@ class LocalRouter(Protocol):
         """Take the request as if it came on ``<p>.v1.infer``; False if not running."""
 
 
-@dataclass
-class Completion:
-    """A whole answer: the text and finish reason of each choice, and the token counts."""
-
-    texts: dict[int, str] = field(default_factory=dict)
-    finish_reasons: dict[int, str | None] = field(default_factory=dict)
-    usage: schema.Usage = field(default_factory=schema.Usage)
-    worker_id: str = ""
-
-
-class _Signal:
-    """Something the client itself puts in a request's queue (not a message from NATS), about the
-    attempt that was current when it was put there."""
-
-    def __init__(self, kind: str, reason: str = "", attempt: int = 0):
-        self.kind, self.reason, self.attempt = kind, reason, attempt
-
-
-_KEEPALIVE = _Signal("keepalive")
-
-
-class _Inbox:
-    """What one request's caller has yet to read: a deque and one waiter (lighter than an
-    asyncio.Queue, of which a caller needs neither the bound nor several readers)."""
-
-    __slots__ = ("_items", "_waiter")
-
-    def __init__(self) -> None:
-        self._items: deque = deque()
-        self._waiter: asyncio.Future | None = None
-
-    def put_nowait(self, item: object) -> None:
-        self._items.append(item)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def get(self) -> object:
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._items.popleft()
-
-
-@dataclass(eq=False)
-class _Call:
-    request: schema.InferRequest
-    queue: _Inbox
-    deadline: float  # its answer must have begun by then (queues, cold starts and engine queues count)
-    keepalive_s: float | None
-    holder: str = ""  # the heartbeat subject of the router or worker holding it; "" while submitted
-    submitted_at: float = 0.0
-    started: schema.Started | None = None
-    seq: int = 0
-    text_seen: bool = False  # text was handed to the caller: no more transparent re-runs
-    began: bool = False  # text has arrived (the deadline is met; from now on, silence is a stall)
-    last_message: float = 0.0
-    last_delivered: float = 0.0
-    buffered: int = 0  # bytes of Chunks received and not yet read by the caller
-    sizes: deque[int] = field(default_factory=deque)
-    overflowed: bool = False
-    done: bool = False
-
-    def put(self, item: object) -> None:
-        self.queue.put_nowait(item)
-
-    def signal(self, kind: str, reason: str = "") -> None:
-        self.queue.put_nowait(_Signal(kind, reason, self.request.attempt))
-
-
-class Answer:
-    """The stream of one request's Chunks. Iterate it; ``started`` tells which worker serves it.
-    Opened with ``keepalive_s``, it also yields None after each such stretch without a Chunk."""
-
-    def __init__(self, client: FirstClient, call: _Call):
-        self.request_id = call.request.request_id
-        self._client, self._call = client, call
-
-    @property
-    def started(self) -> schema.Started | None:
-        return self._call.started
-
-    @property
-    def done(self) -> bool:
-        return self._call.done
-
-    def __aiter__(self) -> AsyncIterator[schema.Chunk | None]:
-        return self._iter()
-
-    async def _iter(self) -> AsyncIterator[schema.Chunk | None]:
-        call, client = self._call, self._client
-        while not call.done:
-            item = await call.queue.get()
-            if isinstance(item, schema.Chunk):
-                call.buffered -= call.sizes.popleft()
-                if item.attempt != call.request.attempt:
-                    continue  # queued before the request was submitted again
-                if item.seq != call.seq:
-                    await client._lost(
-                        call, f"part of the answer was lost (chunk {item.seq}, expected {call.seq})"
-                    )
-                    continue
-                call.seq += 1
-                call.done = item.done
-                if not call.text_seen and any(d.text for d in item.deltas):
-                    call.text_seen = True
-                yield item
-            elif isinstance(item, schema.Error):
-                if item.attempt != call.request.attempt:
-                    continue
-                call.done = True
-                raise errors.from_wire(item)
-            elif item is _KEEPALIVE:
-                yield None
-            elif item.attempt == call.request.attempt:
-                await client._signal(call, item)
-
-
 class FirstClient(Lifecycle):
     def __init__(
         self,
@@ -210,7 +89,7 @@ class FirstClient(Lifecycle):
         self.max_attempts = max_attempts
         self.max_buffered_bytes = max_buffered_bytes  # a caller reading slower than this is cut off
         self.local_router = local_router
-        self._calls: dict[str, _Call] = {}
+        self._calls: dict[str, Call] = {}
         self._watches = Watches(nc, missed_heartbeats)
         self._prefix = self.subjects.reply_stream(self.client_id, "x")[:-1]
         self._sub = None
@@ -268,7 +147,7 @@ class FirstClient(Lifecycle):
             created=time.time(),
             queue_timeout_s=queue_timeout_s,
         )
-        call = _Call(request, _Inbox(), now + self.request_timeout_s, keepalive_s, last_delivered=now)
+        call = Call(request, Inbox(), now + self.request_timeout_s, keepalive_s, last_delivered=now)
         self._calls[request_id] = call
         submitted = False
         try:
@@ -282,7 +161,7 @@ class FirstClient(Lifecycle):
             if submitted and not call.done:
                 await self._cancel(call, "client")
 
-    async def _submit(self, call: _Call) -> None:
+    async def _submit(self, call: Call) -> None:
         data = schema.encode(call.request)
         if len(data) > self.max_payload:
             raise errors.PayloadTooLarge(
@@ -298,7 +177,7 @@ class FirstClient(Lifecycle):
         except nats.errors.Error as exc:
             raise _bus_trouble(exc) from None
 
-    async def _resubmit(self, call: _Call, reason: str) -> None:
+    async def _resubmit(self, call: Call, reason: str) -> None:
         """Send the request again under the next attempt number; the old attempt is forgotten."""
         request = call.request
         now = time.monotonic()
@@ -316,7 +195,7 @@ class FirstClient(Lifecycle):
         )
         await self._submit(call)
 
-    async def _cancel(self, call: _Call, reason: str, *, attempt: int | None = None) -> None:
+    async def _cancel(self, call: Call, reason: str, *, attempt: int | None = None) -> None:
         request = call.request
         cancel = schema.Cancel(request.request_id, reason, attempt)
         if call.started is not None:  # the worker runs it: tell that worker only
@@ -386,13 +265,13 @@ class FirstClient(Lifecycle):
             case schema.Error():
                 call.put(m)
 
-    async def _adopt(self, call: _Call, started: schema.Started) -> None:
+    async def _adopt(self, call: Call, started: schema.Started) -> None:
         """A worker runs the request: from now on, watch that worker."""
         call.started = started
         run = schema.run_key(started.request_id, started.attempt)
         await self._hold(call, self.subjects.worker_runs(started.worker_id), started.interval_s, run)
 
-    async def _hold(self, call: _Call, subject: str, interval_s: float, run: str = "") -> None:
+    async def _hold(self, call: Call, subject: str, interval_s: float, run: str = "") -> None:
         if call.holder and call.holder != subject:
             self._watches.release(call.holder, call.request.request_id)
         call.holder = subject
@@ -403,7 +282,7 @@ class FirstClient(Lifecycle):
         with contextlib.suppress(nats.errors.Error):
             await self.nc.publish(self.subjects.worker_cancel(started.worker_id), schema.encode(cancel))
 
-    async def _signal(self, call: _Call, signal: _Signal) -> None:
+    async def _signal(self, call: Call, signal: Signal) -> None:
         """Act on what the watchdog or the reply handler put in the queue (in the caller's task)."""
         match signal.kind:
             case "retry":
@@ -421,7 +300,7 @@ class FirstClient(Lifecycle):
                 call.done = True
                 raise errors.EngineError("the answer came faster than it was read; the request was stopped")
 
-    async def _lost(self, call: _Call, reason: str) -> None:
+    async def _lost(self, call: Call, reason: str) -> None:
         """The answer cannot go on as it was: run it again if the caller has seen no text yet."""
         if call.text_seen:
             call.done = True
@@ -464,7 +343,7 @@ class FirstClient(Lifecycle):
                 call.signal("stalled")
             if call.keepalive_s is not None and now - call.last_delivered >= call.keepalive_s:
                 call.last_delivered = now
-                call.put(_KEEPALIVE)
+                call.put(KEEPALIVE)
 
     # --- convenience ---------------------------------------------------------------------------
 

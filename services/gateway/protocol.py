@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import msgspec
 
 from shared import errors, schema
-from shared.client import Completion
+from shared.answer import Completion
 
 # Bounds that no sane request reaches: engines keep token counts in 32 bits and seeds in 64.
 INT32_MAX = 2**31 - 1
