@@ -22,17 +22,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_)
+    def common(p: argparse.ArgumentParser, *, nats: bool = True) -> argparse.ArgumentParser:
         p.add_argument(
             "--config", default=DEFAULT_CONFIG, help=f"TOML config file (default: {DEFAULT_CONFIG})"
         )
         p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
         p.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None,
                        help="JSON log lines (default: when stderr is not a terminal)")  # fmt: skip
-        if name != "up":
+        if nats:
             p.add_argument("--nats", default="", help="NATS URL (default: nats.url from the config)")
         return p
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        return common(sub.add_parser(name, help=help_, description=help_), nats=name != "up")
 
     for name, help_ in (
         ("up", "run the whole stack: embedded NATS (unless nats.url is set), gateway, router, scaler"),
@@ -48,6 +50,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the model id to serve (from the config)")
     p.add_argument("--worker-id", default="", help="default: <cluster>-<model>-<random>")
     p.add_argument("--node-id", default="", help="the node id a scaler gave this node")
+
+    help_ = "API keys: create one (printed once), list them, revoke one"
+    keys = sub.add_parser("keys", help=help_, description=help_).add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    create = common(keys.add_parser("create", help="create a key; it is printed once and kept only hashed"))
+    create.add_argument("name", help="who or what the key is for (its identity's user name)")
+    create.add_argument("--groups", default="", help="comma-separated groups the key's identity is in")
+    create.add_argument("--expires", default="", help="lifetime, e.g. 30d, 12h (default: never)")
+    listing = common(keys.add_parser("list", help="every key: id, name, groups, created, expires, state"))
+    listing.add_argument("--json", action="store_true", help="one JSON object per key")
+    revoke = common(keys.add_parser("revoke", help="revoke a key at once, on every gateway"))
+    revoke.add_argument("key", help="the key's id, or its name")
+
+    p = add("usage", "requests and tokens per user, model or cluster, from the usage records")
+    p.add_argument("--since", default="7d", help="how far back, e.g. 7d, 12h (default: 7d)")
+    p.add_argument("--by", choices=["user", "model", "cluster"], default="user")
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="JSON instead of a table")
+    output.add_argument("--csv", action="store_true", help="every record as CSV, for accounting")
     return parser
 
 

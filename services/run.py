@@ -16,6 +16,8 @@ from shared.connect import close, connect
 from shared.natsserver import EmbeddedNats
 from shared.subjects import Subjects
 
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
 
 class UsageError(Exception):
     """The command line and the config do not fit together."""
@@ -55,6 +57,11 @@ async def _serve_gateway(
 
     host = args.host or config.gateway.host
     port = config.gateway.port if args.port is None else args.port
+    if "none" in config.auth.methods and host not in _LOOPBACK:
+        raise UsageError(
+            f'auth.methods = ["none"] lets anyone who reaches {host} call the API as anyone: an open'
+            ' gateway listens on loopback only (set auth.methods to "keys" and/or "globus")'
+        )
     try:
         runner = await start_site(create_app(config, url, local_router=local_router), host, port)
     except OSError as exc:
@@ -175,10 +182,24 @@ async def worker(config: cfg.Config, args: argparse.Namespace) -> int:
     return 0
 
 
+async def keys(config: cfg.Config, args: argparse.Namespace) -> int:
+    from services.admin import keys as admin_keys
+
+    return await admin_keys.main(config, args)
+
+
+async def usage(config: cfg.Config, args: argparse.Namespace) -> int:
+    from services.admin import usage as admin_usage
+
+    return await admin_usage.main(config, args)
+
+
 COMMANDS: dict[str, Callable[[cfg.Config, argparse.Namespace], Coroutine]] = {
     "up": up,
     "gateway": gateway,
     "router": router,
     "scaler": scaler,
     "worker": worker,
+    "keys": keys,
+    "usage": usage,
 }

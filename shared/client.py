@@ -132,6 +132,7 @@ class FirstClient(Lifecycle):
         request_id: str | None = None,
         queue_timeout_s: float = 0.0,
         keepalive_s: float | None = None,
+        identity: schema.Identity | None = None,
     ) -> AsyncIterator[Answer]:
         """Send the request; yield its Answer. Raises FirstError subclasses for every failure."""
         request_id = request_id or new_id()
@@ -146,6 +147,7 @@ class FirstClient(Lifecycle):
             reply_to=self.subjects.reply_stream(self.client_id, request_id),
             created=time.time(),
             queue_timeout_s=queue_timeout_s,
+            identity=identity,
         )
         call = Call(request, Inbox(), now + self.request_timeout_s, keepalive_s, last_delivered=now)
         self._calls[request_id] = call

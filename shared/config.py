@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from shared.access_config import AuthConfig, LimitsConfig, UsageConfig
 from shared.subjects import DEFAULT_PREFIX, check_token
 
 PosFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -29,6 +30,9 @@ class NatsConfig(_Cfg):
     subject_prefix: str = DEFAULT_PREFIX
     embedded_port: Port = 0  # 0: a free port
     embedded_store_dir: str = ""  # JetStream store of the embedded server; empty: a temporary folder
+    # This service's NATS credentials: an nkey seed file (or a .creds file). Empty: none (the
+    # embedded server of `first up` makes its own for every role).
+    credentials: str = ""
 
 
 class GatewayConfig(_Cfg):
@@ -84,6 +88,8 @@ class ClusterConfig(_Cfg):
     name: str
     provider: Literal["local"] = "local"
     max_nodes: PosInt = 8
+    allowed_groups: list[str] = msgspec.field(default_factory=list)  # empty: anyone
+    allowed_idp_domains: list[str] = msgspec.field(default_factory=list)  # empty: any
 
 
 class SimEngine(_Cfg, tag="sim", tag_field="kind"):
@@ -139,6 +145,9 @@ class ModelConfig(_Cfg):
     capacity: PosInt = 4  # concurrent requests per worker
     queue_timeout_s: NonNegFloat = 0.0  # 0: router.queue_timeout_s; a slow-loading model may need longer
     scaling: ScalingPolicy = msgspec.field(default_factory=ScalingPolicy)
+    allowed_groups: list[str] = msgspec.field(default_factory=list)  # empty: anyone
+    allowed_idp_domains: list[str] = msgspec.field(default_factory=list)  # empty: any
+    tokens_per_min: NonNegInt = 100_000  # for all users together; 0: no limit (FIRST's tpm_model)
 
 
 class Config(_Cfg):
@@ -149,6 +158,9 @@ class Config(_Cfg):
     worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
     clusters: list[ClusterConfig] = msgspec.field(default_factory=list)
     models: list[ModelConfig] = msgspec.field(default_factory=list)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
 
     def model(self, model_id: str) -> ModelConfig | None:
         return next((m for m in self.models if m.id == model_id), None)
@@ -192,6 +204,10 @@ def validate(config: Config) -> None:
         check_token(name, f"$.clusters[{i}].name")
     if len(set(names)) != len(names):
         raise ValueError("$.clusters: cluster names must be unique")
+    if "none" in config.auth.methods and len(config.auth.methods) > 1:
+        raise ValueError('$.auth.methods: "none" (an open deployment) cannot be combined with others')
+    if not config.auth.methods:
+        raise ValueError('$.auth.methods: name at least one of "none", "keys", "globus"')
     ids = [m.id for m in config.models]
     if len(set(ids)) != len(ids):
         raise ValueError("$.models: model ids must be unique")

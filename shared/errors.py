@@ -47,6 +47,30 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class Unauthorized(FirstError):
+    """No credential, or one that is malformed, unknown, inactive, expired or revoked."""
+
+    status = 401
+    type = "authentication_error"
+    code = "unauthorized"
+
+
+class Forbidden(FirstError):
+    """A valid identity that may not do this (its identity provider, its groups, the model)."""
+
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class RateLimited(FirstError):
+    """Over a request or token limit; ``retry_after_s`` says when the window has room again."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
 class Conflict(FirstError):
     """The request id is already in use (a NATS-native caller reused it): pick a new one."""
 
@@ -88,6 +112,9 @@ _BY_CODE: dict[str, type[FirstError]] = {
         BadRequest,
         NotFound,
         ModelNotFound,
+        Unauthorized,
+        Forbidden,
+        RateLimited,
         Conflict,
         PayloadTooLarge,
         NoCapacity,

@@ -39,6 +39,30 @@ class _Msg(msgspec.Struct, tag_field="kind", omit_defaults=True):
     """Base of every wire message: tagged by ``kind`` so one subject can carry several."""
 
 
+# --- who calls ----------------------------------------------------------------------------------
+
+
+IdentityKind = Literal["anonymous", "key", "globus", "globus_service", "nats"]
+
+
+class Identity(msgspec.Struct, omit_defaults=True):
+    """Who sent a request, as the gateway (or, for NATS-native callers, a router) established it.
+    Never a credential: a key's id at most. Workers, limits and usage accounting read it."""
+
+    user: Annotated[str, msgspec.Meta(max_length=256)]  # stable: a Globus identity id, a key's name
+    kind: IdentityKind = "anonymous"
+    name: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    username: Annotated[str, msgspec.Meta(max_length=256)] = ""  # alice@anl.gov
+    idp: Annotated[str, msgspec.Meta(max_length=256)] = ""  # the identity provider's domain: anl.gov
+    groups: Annotated[list[Annotated[str, msgspec.Meta(max_length=256)]], msgspec.Meta(max_length=1024)] = (
+        msgspec.field(default_factory=list)
+    )
+    key_id: Annotated[str, msgspec.Meta(max_length=64)] = ""  # an API key's public id
+
+
+ANONYMOUS = Identity(user="anonymous")
+
+
 # --- requests: client -> router -> worker -----------------------------------------------------
 
 
@@ -53,6 +77,7 @@ class InferRequest(_Msg, tag="infer"):
     created: float  # unix seconds, set by the client when it first sent the request
     queue_timeout_s: Seconds = 0.0  # 0: the router's default
     attempt: Attempt = 0  # 0, 1, 2 …: the caller's n-th submission of this request (see Retry)
+    identity: Identity | None = None  # set by the gateway; None: an anonymous caller
 
 
 class Cancel(_Msg, tag="cancel"):
@@ -238,6 +263,7 @@ class UsageRecord(_Msg, tag="usage"):
     attempt: Attempt = 0
     created: float = 0.0  # when the caller first sent the request
     sent: float = 0.0
+    identity: Identity | None = None  # who asked (None: anonymous)
 
 
 class StatusRequest(_Msg, tag="status_request"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from services.gateway import handlers, keys, openapi
-from services.gateway.auth import auth_middleware
+from services.gateway.auth import auth_ctx, auth_middleware
 from services.gateway.middleware import request_middleware
 from services.gateway.server import serve
 from shared.client import FirstClient, LocalRouter
@@ -44,14 +44,18 @@ def create_app(config: Config, nats_url: str, *, local_router: LocalRouter | Non
         middlewares=[request_middleware, auth_middleware], client_max_size=config.gateway.max_body_bytes
     )
     app[keys.CONFIG] = config
+    app[keys.MODELS] = {m.id: m for m in config.models}
     app[keys.NATS_URL] = nats_url
     if local_router is not None:
         app[keys.LOCAL_ROUTER] = local_router
     app.cleanup_ctx.append(_nats_ctx)
+    app.cleanup_ctx.append(auth_ctx)
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_post("/v1/completions", handlers.completions)
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/health", handlers.health)
+    app.router.add_get("/v1/whoami", handlers.whoami)
+    app.router.add_get("/resource_server/whoami", handlers.first_whoami)
     app.router.add_get("/openapi.json", openapi.handler())
     return app
 

@@ -11,7 +11,8 @@ from services.gateway.body import read_json_body
 from services.gateway.middleware import REQUEST_ID_HEADER, json_response
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, ResponseShape, parse_request
 from services.gateway.sse import KEEPALIVE, ChunkFramer, EventStreamResponse, error_events
-from shared import errors, schema
+from shared import access, errors, schema
+from shared.limits import limits_for
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -29,18 +30,22 @@ async def _infer(
     raw = await request.read()
     req = parse_request(raw, kind)
     request[keys.MODEL] = req.model  # unknown models: the router answers 404, as it does NATS callers
+    identity = request[keys.IDENTITY]
+    if (model := request.app[keys.MODELS].get(req.model)) is not None:
+        access.check(identity, model, request.app[keys.CONFIG])
+    who = None if identity.kind == "anonymous" else identity
     client = request.app[keys.CLIENT]
     request_id = request[keys.REQUEST_ID]
     shape = ResponseShape(endpoint, request_id, req.model, include_usage=req.include_usage)
     if not req.stream:
-        result = await client.complete(req.model, endpoint, raw, request_id=request_id)
+        result = await client.complete(req.model, endpoint, raw, request_id=request_id, identity=who)
         return json_response(shape.completion(result), headers={REQUEST_ID_HEADER: request_id})
 
     response: web.StreamResponse | None = None
     framer = ChunkFramer(shape)
     keepalive_s = request.app[keys.CONFIG].gateway.sse_keepalive_s
     async with client.open(
-        req.model, endpoint, raw, request_id=request_id, keepalive_s=keepalive_s
+        req.model, endpoint, raw, request_id=request_id, keepalive_s=keepalive_s, identity=who
     ) as answer:
         try:
             async for chunk in answer:
@@ -76,7 +81,10 @@ async def models(request: web.Request) -> web.Response:
     except errors.FirstError:
         live = {}  # no router: the models are still listed, all offline
     data = []
+    identity = request[keys.IDENTITY]
     for model in config.models:
+        if not access.may_use(identity, model, config):
+            continue  # a model a caller may not use is not shown to them
         status = live.get(model.id)
         data.append(
             {
@@ -91,6 +99,32 @@ async def models(request: web.Request) -> web.Response:
             }
         )
     return json_response({"object": "list", "data": data})
+
+
+async def whoami(request: web.Request) -> web.Response:
+    """Who the caller is to this service: their identity, groups and limits."""
+    identity = request[keys.IDENTITY]
+    config = request.app[keys.CONFIG]
+    body = msgspec.to_builtins(identity)
+    body.setdefault("groups", [])
+    body["limits"] = msgspec.to_builtins(limits_for(identity, config))
+    return json_response(body)
+
+
+async def first_whoami(request: web.Request) -> web.Response:
+    """FIRST's /resource_server/whoami shape, for its users' scripts."""
+    identity = request[keys.IDENTITY]
+    return json_response(
+        {
+            "id": identity.user,
+            "name": identity.name,
+            "username": identity.username,
+            "user_group_uuids": identity.groups,
+            "idp_id": identity.idp,
+            "idp_name": identity.idp,
+            "auth_service": "globus" if identity.kind.startswith("globus") else identity.kind,
+        }
+    )
 
 
 async def health(request: web.Request) -> web.Response:

@@ -5,15 +5,19 @@ from __future__ import annotations
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
+from shared import schema
 from shared.client import FirstClient, LocalRouter
 from shared.config import Config
 
 CONFIG = web.AppKey("config", Config)
+MODELS = web.AppKey("models", dict)  # model id -> shared.config.ModelConfig
 NATS_URL = web.AppKey("nats_url", str)
 NC = web.AppKey("nc", NATS)
 CLIENT = web.AppKey("client", FirstClient)
+AUTHENTICATORS = web.AppKey("authenticators", list)  # services.gateway.auth.base.Authenticator
 LOCAL_ROUTER = web.AppKey("local_router", LocalRouter)  # only where a router runs in this process
 
 # Per request: set by the middleware and the handlers, read by the one log line per request.
 REQUEST_ID = web.RequestKey("request_id", str)
 MODEL = web.RequestKey("model", str)
+IDENTITY = web.RequestKey("identity", schema.Identity)  # set by the auth middleware

@@ -243,6 +243,7 @@ class Runner:
             attempt=request.attempt,
             created=request.created,
             sent=time.time(),
+            identity=request.identity,
         )
         with contextlib.suppress(nats.errors.Error):  # goes out with the answer's last message
             await self.nc.publish(self.subjects.usage, schema.encode(record))

@@ -1,0 +1,1 @@
+"""Operator commands that talk to a running deployment over NATS: ``first keys``, ``first usage``."""

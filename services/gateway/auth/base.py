@@ -1,0 +1,22 @@
+"""What every authenticator offers the middleware."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from shared import schema
+
+
+class Authenticator(Protocol):
+    name: str
+
+    def claims(self, credential: str) -> bool:
+        """Whether the credential is of this authenticator's kind (a cheap look at its form)."""
+
+    async def identify(self, credential: str) -> schema.Identity:
+        """The identity behind the credential. Raises errors.Unauthorized (no such, expired,
+        forged, revoked) or errors.Forbidden (valid, but not allowed here); never anything else."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...

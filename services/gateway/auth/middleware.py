@@ -1,0 +1,49 @@
+"""Every API request carries a credential that an authenticator accepts, unless the deployment is
+open (``auth.methods = ["none"]``); the identity behind it goes with the request, to the engine's
+worker, the limits and the usage records."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from services.gateway import keys
+from services.gateway.auth.base import Authenticator
+from services.gateway.auth.credentials import bearer
+from services.gateway.middleware import Handler
+from shared import errors, schema
+
+PUBLIC = frozenset({"/health", "/openapi.json", "/resource_server/health", "/resource_server/status"})
+
+
+async def auth_ctx(app: web.Application):
+    """The authenticators the config names, started after the NATS connection they may need."""
+    config = app[keys.CONFIG]
+    authenticators: list[Authenticator] = []
+    if "keys" in config.auth.methods:
+        from services.gateway.auth.keys import KeyAuthenticator
+
+        authenticators.append(KeyAuthenticator(app[keys.NC], config))
+    if "globus" in config.auth.methods:
+        from services.gateway.auth.globus import GlobusAuthenticator
+
+        authenticators.append(GlobusAuthenticator(config.auth.globus))
+    for authenticator in authenticators:
+        await authenticator.start()
+    app[keys.AUTHENTICATORS] = authenticators
+    yield
+    for authenticator in authenticators:
+        await authenticator.stop()
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    authenticators = request.app[keys.AUTHENTICATORS]
+    if not authenticators or request.path in PUBLIC:
+        request[keys.IDENTITY] = schema.ANONYMOUS
+        return await handler(request)
+    credential = bearer(request)
+    for authenticator in authenticators:
+        if authenticator.claims(credential):
+            request[keys.IDENTITY] = await authenticator.identify(credential)
+            return await handler(request)
+    raise errors.Unauthorized("The credential is neither an API key of this service nor a Globus token.")

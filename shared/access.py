@@ -1,0 +1,32 @@
+"""What an identity may use: the models and clusters whose allowed groups and identity-provider
+domains admit it. One rule for the gateway (403, and what /v1/models lists) and the routers
+(NATS-native callers)."""
+
+from __future__ import annotations
+
+from shared import config as cfg
+from shared import errors, schema
+
+
+def _admits(identity: schema.Identity, groups: list[str], domains: list[str]) -> bool:
+    if groups and not set(groups).intersection(identity.groups):
+        return False
+    return not domains or identity.idp in domains
+
+
+def may_use(identity: schema.Identity, model: cfg.ModelConfig, config: cfg.Config) -> bool:
+    """The model admits the identity, and so does at least one of its clusters."""
+    if identity.kind == "anonymous" and "none" in config.auth.methods:
+        return True  # an open deployment: nothing is checked
+    if not _admits(identity, model.allowed_groups, model.allowed_idp_domains):
+        return False
+    clusters = [c for name in config.clusters_for(model) if (c := config.cluster(name)) is not None]
+    return any(_admits(identity, c.allowed_groups, c.allowed_idp_domains) for c in clusters)
+
+
+def check(identity: schema.Identity, model: cfg.ModelConfig, config: cfg.Config) -> None:
+    if not may_use(identity, model, config):
+        raise errors.Forbidden(
+            f"You may not use the model '{model.id}': it is open to other groups or identity providers.",
+            param="model",
+        )

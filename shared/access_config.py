@@ -1,0 +1,68 @@
+"""The configuration of who may call, how much, and what is recorded: ``[auth]``, ``[limits]``,
+``[usage]``. Part of the one config file (shared/config.py); docs/config.md describes every field."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+PosFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class _Cfg(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class GlobusAuthConfig(_Cfg):
+    """Globus Auth, as FIRST checks it (docs/config.md, "[auth.globus]")."""
+
+    client_id: str = ""  # the gateway's confidential client (FIRST's GLOBUS_APPLICATION_ID)
+    client_secret_file: str = ""  # a file holding its secret, never the secret itself
+    allowed_idp_domains: list[str] = msgspec.field(default_factory=list)  # empty: any
+    policies: list[str] = msgspec.field(default_factory=list)  # Globus policy ids, all must pass
+    groups: list[str] = msgspec.field(default_factory=list)  # if set, a user must be in one of them
+    groups_per_idp: dict[str, list[str]] = msgspec.field(default_factory=dict)  # idp domain -> groups
+    service_usernames: list[str] = msgspec.field(default_factory=list)  # client-credentials identities
+    cache_s: PosFloat = 600.0  # a valid token's introspection is reused this long (or to its expiry)
+    failure_cache_s: PosFloat = 60.0  # a refused token's refusal is reused this long
+    auth_url: str = ""  # Globus Auth's base URL; empty: production (tests point it at a double)
+    groups_url: str = ""  # the Groups API's base URL; empty: production
+
+
+class KeysConfig(_Cfg):
+    """API keys, made with ``first keys create`` and kept hashed in JetStream KV."""
+
+    bucket: str = ""  # the KV bucket; empty: derived from nats.subject_prefix
+
+
+class AuthConfig(_Cfg):
+    # Which credentials the gateway takes. "none": everyone is anonymous, allowed only while the
+    # gateway listens on loopback.
+    methods: list[Literal["none", "keys", "globus"]] = msgspec.field(default_factory=lambda: ["none"])
+    globus: GlobusAuthConfig = msgspec.field(default_factory=GlobusAuthConfig)
+    keys: KeysConfig = msgspec.field(default_factory=KeysConfig)
+
+
+class LimitSet(_Cfg):
+    """Per user; 0 turns a limit off. FIRST's defaults: 10 requests/s, 60,000 tokens/min per model."""
+
+    requests_per_s: NonNegFloat = 10.0  # all models together
+    model_requests_per_s: NonNegFloat = 0.0  # each model
+    tokens_per_min: NonNegInt = 0  # all models together
+    model_tokens_per_min: NonNegInt = 60_000  # each model
+
+
+class LimitsConfig(_Cfg):
+    user: LimitSet = msgspec.field(default_factory=LimitSet)
+    # Overrides for members of a group (the most generous of a user's groups applies).
+    groups: dict[str, LimitSet] = msgspec.field(default_factory=dict)
+
+
+class UsageConfig(_Cfg):
+    """One usage record per request, in a JetStream stream (``first usage`` reads it)."""
+
+    stream: str = ""  # empty: derived from nats.subject_prefix
+    retention_days: PosFloat = 400.0
