@@ -10,6 +10,7 @@ import msgspec
 PosFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+PosInt = Annotated[int, msgspec.Meta(gt=0)]
 
 
 class _Cfg(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -28,6 +29,8 @@ class GlobusAuthConfig(_Cfg):
     service_usernames: list[str] = msgspec.field(default_factory=list)  # client-credentials identities
     cache_s: PosFloat = 600.0  # a valid token's introspection is reused this long (or to its expiry)
     failure_cache_s: PosFloat = 60.0  # a refused token's refusal is reused this long
+    cache_entries: PosInt = 10_000  # tokens remembered, each of successes and refusals (oldest go first)
+    http_timeout_s: PosFloat = 10.0  # one call to Globus; past it the request gets 503
     auth_url: str = ""  # Globus Auth's base URL; empty: production (tests point it at a double)
     groups_url: str = ""  # the Groups API's base URL; empty: production
 
@@ -35,7 +38,8 @@ class GlobusAuthConfig(_Cfg):
 class KeysConfig(_Cfg):
     """API keys, made with ``first keys create`` and kept hashed in JetStream KV."""
 
-    bucket: str = ""  # the KV bucket; empty: derived from nats.subject_prefix
+    # The KV bucket; empty: the subject prefix with "_" for its dots, and "_keys" ("first_keys").
+    bucket: Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9_-]*$", max_length=200)] = ""
 
 
 class AuthConfig(_Cfg):
@@ -47,12 +51,20 @@ class AuthConfig(_Cfg):
 
 
 class LimitSet(_Cfg):
-    """Per user; 0 turns a limit off. FIRST's defaults: 10 requests/s, 60,000 tokens/min per model."""
+    """Per user; 0 turns a limit off. FIRST's defaults: 10 requests/s, 60,000 tokens/min per model.
+    Requests count over a sliding second and tokens over a sliding minute (shared/limits_ledger.py)."""
 
     requests_per_s: NonNegFloat = 10.0  # all models together
     model_requests_per_s: NonNegFloat = 0.0  # each model
     tokens_per_min: NonNegInt = 0  # all models together
     model_tokens_per_min: NonNegInt = 60_000  # each model
+
+    def __post_init__(self) -> None:
+        # Requests count in a one-second window: a rate below one a second cannot be told apart
+        # from one a second there, so it is refused rather than silently rounded up.
+        for name in ("requests_per_s", "model_requests_per_s"):
+            if 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be 0 (no limit) or at least 1")
 
 
 class LimitsConfig(_Cfg):
@@ -62,7 +74,10 @@ class LimitsConfig(_Cfg):
 
 
 class UsageConfig(_Cfg):
-    """One usage record per request, in a JetStream stream (``first usage`` reads it)."""
+    """One usage record per run of a request, in a JetStream stream (shared/usage_stream.py);
+    ``first usage`` reads it."""
 
-    stream: str = ""  # empty: derived from nats.subject_prefix
-    retention_days: PosFloat = 400.0
+    # Empty: derived from nats.subject_prefix ("first" -> "FIRST_USAGE"). A JetStream stream name.
+    stream: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,255}$")] = ""
+    # The stream's max_age; at most 100 years, which JetStream's nanoseconds can hold.
+    retention_days: Annotated[float, msgspec.Meta(gt=0, le=36_500)] = 400.0

@@ -274,8 +274,8 @@ async def serve(app: web.Application, host: str, port: int, limits: GatewayConfi
     """Start serving ``app``; the caller cleans the returned runner up."""
     raise_fd_limit(limits.max_connections)
     runner = GatewayRunner(app, limits)
-    await runner.setup()
     try:
+        await runner.setup()  # a start-up step that fails leaves the steps before it cleaned up
         await web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG).start()
     except BaseException:
         await runner.cleanup()

@@ -15,7 +15,8 @@ class Authenticator(Protocol):
 
     async def identify(self, credential: str) -> schema.Identity:
         """The identity behind the credential. Raises errors.Unauthorized (no such, expired,
-        forged, revoked) or errors.Forbidden (valid, but not allowed here); never anything else."""
+        forged, revoked), errors.Forbidden (valid, but not allowed here) or errors.NoCapacity
+        (the identity provider cannot be reached: 503); never anything else."""
 
     async def start(self) -> None: ...
 

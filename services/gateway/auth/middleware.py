@@ -27,12 +27,16 @@ async def auth_ctx(app: web.Application):
         from services.gateway.auth.globus import GlobusAuthenticator
 
         authenticators.append(GlobusAuthenticator(config.auth.globus))
-    for authenticator in authenticators:
-        await authenticator.start()
-    app[keys.AUTHENTICATORS] = authenticators
-    yield
-    for authenticator in authenticators:
-        await authenticator.stop()
+    started: list[Authenticator] = []
+    try:
+        for authenticator in authenticators:
+            await authenticator.start()
+            started.append(authenticator)
+        app[keys.AUTHENTICATORS] = authenticators
+        yield
+    finally:
+        for authenticator in reversed(started):
+            await authenticator.stop()
 
 
 @web.middleware
