@@ -266,6 +266,22 @@ class UsageRecord(_Msg, tag="usage"):
     identity: Identity | None = None  # who asked (None: anonymous)
 
 
+class Admitted(msgspec.Struct, omit_defaults=True):
+    """Requests of one user (for one model) that a gateway admitted."""
+
+    user: Annotated[str, msgspec.Meta(max_length=256)]
+    requests: Count
+    model: Annotated[str, msgspec.Meta(max_length=256)] = ""  # "": a model not in the config
+
+
+class AdmittedRequests(_Msg, tag="admitted"):
+    """What one gateway admitted since its last AdmittedRequests (sent at most every 0.1 s, and
+    only when it admitted any): every other gateway counts these against the request limits."""
+
+    gateway_id: Token
+    counts: Annotated[list[Admitted], msgspec.Meta(max_length=10_000)] = msgspec.field(default_factory=list)
+
+
 class StatusRequest(_Msg, tag="status_request"):
     pass
 
@@ -306,5 +322,6 @@ runs_beat_decoder = msgspec.msgpack.Decoder(RunsBeat)
 demand_decoder = msgspec.msgpack.Decoder(Demand)
 node_event_decoder = msgspec.msgpack.Decoder(NodeEvent)
 usage_decoder = msgspec.msgpack.Decoder(UsageRecord)
+admitted_decoder = msgspec.msgpack.Decoder(AdmittedRequests)
 status_request_decoder = msgspec.msgpack.Decoder(StatusRequest)
 status_reply_decoder = msgspec.msgpack.Decoder(StatusReply)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from services.gateway import handlers, keys, openapi
+from services.gateway import handlers, keys, limits, openapi
 from services.gateway.auth import auth_ctx, auth_middleware
 from services.gateway.middleware import request_middleware
 from services.gateway.server import serve
@@ -19,7 +19,10 @@ async def _nats_ctx(app: web.Application):
     local_router = app.get(keys.LOCAL_ROUTER)
     # Beside a router, one connection serves both: a worker's Started and its reply to the
     # router then arrive in one read.
-    nc = local_router.nc if local_router is not None else await connect(app[keys.NATS_URL], "first-gateway")
+    if local_router is not None:
+        nc = local_router.nc
+    else:
+        nc = await connect(app[keys.NATS_URL], "first-gateway", app[keys.NATS_CREDENTIALS])
     client = FirstClient(
         nc,
         Subjects(config.nats.subject_prefix),
@@ -37,19 +40,25 @@ async def _nats_ctx(app: web.Application):
         await close(nc)
 
 
-def create_app(config: Config, nats_url: str, *, local_router: LocalRouter | None = None) -> web.Application:
+def create_app(
+    config: Config, nats_url: str, *, local_router: LocalRouter | None = None, credentials: str = ""
+) -> web.Application:
     """The gateway; ``local_router``: a router running in this process, which gets the requests
-    by a call rather than over NATS (``first up``)."""
+    by a call rather than over NATS (``first up``); ``credentials``: its NATS credentials file."""
     app = web.Application(
         middlewares=[request_middleware, auth_middleware], client_max_size=config.gateway.max_body_bytes
     )
     app[keys.CONFIG] = config
     app[keys.MODELS] = {m.id: m for m in config.models}
     app[keys.NATS_URL] = nats_url
+    app[keys.NATS_CREDENTIALS] = credentials
     if local_router is not None:
         app[keys.LOCAL_ROUTER] = local_router
     app.cleanup_ctx.append(_nats_ctx)
     app.cleanup_ctx.append(auth_ctx)
+    if limits.enabled(config):
+        app.cleanup_ctx.append(limits.limits_ctx)
+        app.on_response_prepare.append(limits.add_headers)
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_post("/v1/completions", handlers.completions)
     app.router.add_get("/v1/models", handlers.models)

@@ -6,7 +6,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from services.gateway import keys
+from services.gateway import keys, limits
 from services.gateway.body import read_json_body
 from services.gateway.middleware import REQUEST_ID_HEADER, json_response
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, ResponseShape, parse_request
@@ -33,6 +33,7 @@ async def _infer(
     identity = request[keys.IDENTITY]
     if (model := request.app[keys.MODELS].get(req.model)) is not None:
         access.check(identity, model, request.app[keys.CONFIG])
+    limits.admit(request, identity, req.model)  # 429 when over; the answer gets x-ratelimit-* headers
     who = None if identity.kind == "anonymous" else identity
     client = request.app[keys.CLIENT]
     request_id = request[keys.REQUEST_ID]
@@ -108,6 +109,8 @@ async def whoami(request: web.Request) -> web.Response:
     body = msgspec.to_builtins(identity)
     body.setdefault("groups", [])
     body["limits"] = msgspec.to_builtins(limits_for(identity, config))
+    if (used := limits.usage(request, identity)) is not None:
+        body["usage"] = used
     return json_response(body)
 
 

@@ -12,6 +12,7 @@ from shared.config import Config
 CONFIG = web.AppKey("config", Config)
 MODELS = web.AppKey("models", dict)  # model id -> shared.config.ModelConfig
 NATS_URL = web.AppKey("nats_url", str)
+NATS_CREDENTIALS = web.AppKey("nats_credentials", str)  # a seed or .creds file; "": none
 NC = web.AppKey("nc", NATS)
 CLIENT = web.AppKey("client", FirstClient)
 AUTHENTICATORS = web.AppKey("authenticators", list)  # services.gateway.auth.base.Authenticator

@@ -61,6 +61,12 @@ MESSAGES = [
         schema.NodeEvent(node_id="n1", cluster="c", model="m", provider="local", state="failed", reason="x"),
         schema.node_event_decoder,
     ),
+    (
+        schema.AdmittedRequests(
+            gateway_id="gw-1", counts=[schema.Admitted("alice", 3, "m"), schema.Admitted("bob", 1)]
+        ),
+        schema.admitted_decoder,
+    ),
     (schema.StatusRequest(), schema.status_request_decoder),
     (
         schema.StatusReply(
@@ -226,3 +232,18 @@ def test_defaults_are_left_off_the_wire():
     """omit_defaults keeps heartbeats and chunks small: only what differs from the default is sent."""
     raw = msgspec.msgpack.decode(schema.encode(schema.Chunk(request_id="r", seq=0)))
     assert raw == {"kind": "chunk", "request_id": "r", "seq": 0}
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        {"gateway_id": "a.b"},
+        {"counts": [{"user": "u", "requests": -1}]},
+        {"counts": [{"user": "u" * 257, "requests": 1}]},
+        {"counts": [{"user": "u", "requests": 1}] * 10_001},  # bounded, whatever the sender
+    ],
+)
+def test_admitted_requests_refuse_what_would_corrupt_the_counts(hostile):
+    raw = {"kind": "admitted", "gateway_id": "gw", **hostile}
+    with pytest.raises(msgspec.ValidationError):
+        schema.admitted_decoder.decode(msgspec.msgpack.encode(raw))

@@ -1,0 +1,84 @@
+"""The limits at the gateway's edge: the limiter as a resource of the app (``limits_ctx``), the
+check before a request is submitted (``admit``), and OpenAI's x-ratelimit-* headers on every
+answer that follows it (``add_headers``, an ``on_response_prepare`` signal: it reaches 429s,
+errors made by the middleware and SSE headers alike)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from services.gateway import keys
+from shared import config as cfg
+from shared import errors, schema
+from shared.limits import Limiter
+from shared.limits_ledger import Standing
+from shared.subjects import Subjects
+
+LIMITER = web.AppKey("limiter", Limiter)  # only where limits apply (enabled)
+STANDING = web.RequestKey("rate_standing", Standing)  # set by admit, read by add_headers
+
+
+def enabled(config: cfg.Config) -> bool:
+    """An open deployment has only the anonymous caller, whom nothing limits: no limiter at all."""
+    return "none" not in config.auth.methods
+
+
+async def limits_ctx(app: web.Application):
+    """The limiter, started after the NATS connection it shares counts over."""
+    config = app[keys.CONFIG]
+    limiter = Limiter(app[keys.NC], Subjects(config.nats.subject_prefix), config)
+    await limiter.start()
+    app[LIMITER] = limiter
+    yield
+    await limiter.stop()
+
+
+def admit(request: web.Request, identity: schema.Identity, model: str) -> None:
+    """Count the request against its caller's limits, or refuse it with 429 and Retry-After."""
+    limiter = request.app.get(LIMITER)
+    if limiter is None or (verdict := limiter.admit(identity, model)) is None:
+        return
+    request[STANDING] = verdict.standing
+    if verdict.refusal:
+        wait = verdict.retry_after_s
+        raise errors.RateLimited(f"{verdict.refusal}; try again in {wait:.1f} s.", retry_after_s=wait)
+
+
+def usage(request: web.Request, identity: schema.Identity) -> dict | None:
+    """What the caller used in the current windows (/v1/whoami); None where nothing is limited."""
+    limiter = request.app.get(LIMITER)
+    if limiter is None or identity.kind == "anonymous":
+        return None
+    return limiter.usage(identity)
+
+
+async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if (standing := request.get(STANDING)) is not None:
+        response.headers.update(rate_headers(standing))
+
+
+def rate_headers(s: Standing) -> dict[str, str]:
+    """OpenAI's headers for the tightest request limit and the tightest token limit that apply."""
+    headers = {}
+    if s.request_limit:
+        headers["x-ratelimit-limit-requests"] = f"{s.request_limit:g}"
+        headers["x-ratelimit-remaining-requests"] = str(s.requests_left)
+        headers["x-ratelimit-reset-requests"] = duration(s.requests_reset_s)
+    if s.token_limit:
+        headers["x-ratelimit-limit-tokens"] = str(s.token_limit)
+        headers["x-ratelimit-remaining-tokens"] = str(s.tokens_left)
+        headers["x-ratelimit-reset-tokens"] = duration(s.tokens_reset_s)
+    return headers
+
+
+def duration(seconds: float) -> str:
+    """A duration as OpenAI writes it (Go's notation, to the millisecond): 0s, 950ms, 1.5s, 6m0s."""
+    ms = max(0, round(seconds * 1000))
+    if ms < 1000:
+        return f"{ms}ms" if ms else "0s"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{secs}"
+    return f"{minutes}m{secs}" if minutes else secs
