@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="JSON log lines (default: when stderr is not a terminal)")  # fmt: skip
         if nats:
             p.add_argument("--nats", default="", help="NATS URL (default: nats.url from the config)")
+            p.add_argument("--credentials", default="",
+                           help="NATS credentials: an nkey seed or .creds file (default: nats.credentials)")  # fmt: skip
         return p
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
@@ -63,6 +65,15 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="one JSON object per key")
     revoke = common(keys.add_parser("revoke", help="revoke a key at once, on every gateway"))
     revoke.add_argument("key", help="the key's id, or its name")
+
+    help_ = "write NATS users and permissions (nkey seeds and a nats-server.conf) for a site's servers"
+    p = common(sub.add_parser("nats-auth", help=help_, description=help_), nats=False)
+    p.add_argument("--out", required=True, help="directory for credentials/ and nats-server.conf")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="the address nats-server listens on (default: loopback)"
+    )
+    p.add_argument("--port", type=int, default=4222, help="its client port (default: 4222)")
+    p.add_argument("--store-dir", default="", help="its JetStream store (default: OUT/jetstream)")
 
     p = add("usage", "requests and tokens per user, model or cluster, from the usage records")
     p.add_argument("--since", default="7d", help="how far back, e.g. 7d, 12h (default: 7d)")

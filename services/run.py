@@ -6,13 +6,17 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import tempfile
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 
 import structlog
 
+from services.admin import target
 from shared import config as cfg
+from shared import natsauth
 from shared.connect import close, connect
+from shared.natsauth import Credentials
 from shared.natsserver import EmbeddedNats
 from shared.subjects import Subjects
 
@@ -38,14 +42,21 @@ def _nats_url(config: cfg.Config, args: argparse.Namespace) -> str:
     return url
 
 
-def _providers(config: cfg.Config, config_path: str, nats_url: str) -> dict:
+def _credentials(config: cfg.Config, args: argparse.Namespace) -> str:
+    return getattr(args, "credentials", "") or config.nats.credentials
+
+
+def _providers(config: cfg.Config, config_path: str, nats_url: str, credentials_dir: str = "") -> dict:
     from services.scaler.providers.local import LocalProvider
 
     providers = {}
     for cluster in config.clusters:
         if cluster.provider == "local":
             providers[cluster.name] = LocalProvider(
-                str(Path(config_path).resolve()), nats_url, stop_timeout_s=config.worker.drain_timeout_s + 30
+                str(Path(config_path).resolve()),
+                nats_url,
+                stop_timeout_s=config.worker.drain_timeout_s + 30,
+                credentials_dir=credentials_dir,
             )
     return providers
 
@@ -63,11 +74,52 @@ async def _serve_gateway(
             ' gateway listens on loopback only (set auth.methods to "keys" and/or "globus")'
         )
     try:
-        runner = await start_site(create_app(config, url, local_router=local_router), host, port)
+        app = create_app(config, url, local_router=local_router, credentials=_credentials(config, args))
+        runner = await start_site(app, host, port)
     except OSError as exc:
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    except cfg.ConfigError as exc:  # a setting only start-up can check (a secret file, say)
+        raise UsageError(str(exc)) from None
     stack.push_async_callback(runner.cleanup)
     structlog.get_logger().info("gateway_listening", url=f"http://{host}:{port}")
+
+
+async def _embedded_nats(stack: contextlib.AsyncExitStack, config: cfg.Config) -> tuple[str, Credentials]:
+    """The embedded nats-server, with one nkey user per role (shared/natsauth.py): no connection
+    without credentials, and each service only its own subjects. The seeds stay in the store
+    directory (a temporary one unless nats.embedded_store_dir is set), so a restart keeps them."""
+    store = config.nats.embedded_store_dir or stack.enter_context(
+        tempfile.TemporaryDirectory(prefix="first-nats-")
+    )
+    role_list = natsauth.roles(config)
+    by_name = {r.name: r for r in role_list}
+    role_list.append(natsauth.combined("core", by_name["gateway"], by_name["router"]))
+    credentials = natsauth.write_credentials(Path(store) / "credentials", role_list)
+    conf = Path(store) / "nats-server.conf"
+    host, port = config.nats.embedded_host, config.nats.embedded_port or -1
+    conf.write_bytes(natsauth.server_config(credentials, host=host, port=port, store_dir=store))
+    server = await stack.enter_async_context(
+        EmbeddedNats(host=host, config_file=str(conf), users=credentials.public_keys())
+    )
+    # Where `first keys` and `first usage` on this config find the server (services/admin/target.py).
+    url_file = Path(store) / target.URL_FILE
+    url_file.write_text(server.url + "\n")
+    stack.callback(url_file.unlink, missing_ok=True)
+    structlog.get_logger().info("nats_credentials", directory=str(credentials.directory))
+    return server.url, credentials
+
+
+async def _ensure_usage_stream(nc, config: cfg.Config) -> None:
+    """The usage stream exists with the config's retention (shared/usage_stream.py), or we stop."""
+    from shared import usage_stream
+
+    try:
+        info = await usage_stream.ensure(nc, config)
+    except usage_stream.UsageStreamError as exc:
+        raise UsageError(f"usage stream: {exc}") from None
+    structlog.get_logger().info(
+        "usage_stream_ready", stream=info.config.name, retention_days=config.usage.retention_days
+    )
 
 
 async def up(config: cfg.Config, args: argparse.Namespace) -> int:
@@ -77,24 +129,28 @@ async def up(config: cfg.Config, args: argparse.Namespace) -> int:
 
     stop = _stop_event()
     async with contextlib.AsyncExitStack() as stack:
-        url = config.nats.url
+        url, credentials = config.nats.url, None
         if not url:
-            server = EmbeddedNats(port=config.nats.embedded_port, store_dir=config.nats.embedded_store_dir)
-            await stack.enter_async_context(server)
-            url = server.url
+            url, credentials = await _embedded_nats(stack, config)
+
+        def seed(role: str) -> str:
+            return str(credentials.seed_file(role)) if credentials else config.nats.credentials
+
         subjects = Subjects(config.nats.subject_prefix)
-        router_nc = await connect(url, "first-router")
-        stack.push_async_callback(close, router_nc)
-        router = await stack.enter_async_context(Router(router_nc, subjects, config))
+        # The gateway and the router share this process and its connection.
+        core_nc = await connect(url, "first-core", seed("core"))
+        stack.push_async_callback(close, core_nc)
+        await _ensure_usage_stream(core_nc, config)
+        router = await stack.enter_async_context(Router(core_nc, subjects, config))
         # The gateway hands its requests to this router by a call: one NATS round trip less.
         await _serve_gateway(stack, config, url, args, local_router=router)
         # Entered last, so it stops first: no new nodes during shutdown, and the workers drain
         # while the gateway and router still carry their answers.
-        scaler_nc = await connect(url, "first-scaler")
+        scaler_nc = await connect(url, "first-scaler", seed("scaler"))
         stack.push_async_callback(close, scaler_nc)
-        await stack.enter_async_context(
-            Scaler(scaler_nc, subjects, config, _providers(config, args.config, url))
-        )
+        workers_dir = str(credentials.directory) if credentials else config.nats.worker_credentials_dir
+        providers = _providers(config, args.config, url, workers_dir)
+        await stack.enter_async_context(Scaler(scaler_nc, subjects, config, providers))
         await stop.wait()
         structlog.get_logger().info("stack_stopping")
     return 0
@@ -113,7 +169,7 @@ async def _run_on_nats(config: cfg.Config, args: argparse.Namespace, name: str, 
     """Connect, run the service that ``make(nc)`` builds until SIGTERM or SIGINT, then stop it."""
     url = _nats_url(config, args)
     stop = _stop_event()
-    nc = await connect(url, name)
+    nc = await connect(url, name, _credentials(config, args))
     try:
         async with make(nc, url):
             await stop.wait()
@@ -126,7 +182,15 @@ async def router(config: cfg.Config, args: argparse.Namespace) -> int:
     from services.router.service import Router
 
     subjects = Subjects(config.nats.subject_prefix)
-    return await _run_on_nats(config, args, "first-router", lambda nc, _url: Router(nc, subjects, config))
+
+    @contextlib.asynccontextmanager
+    async def started(nc, _url):
+        # Every deployment runs a router: each one makes sure the usage stream is there.
+        await _ensure_usage_stream(nc, config)
+        async with Router(nc, subjects, config) as r:
+            yield r
+
+    return await _run_on_nats(config, args, "first-router", started)
 
 
 async def scaler(config: cfg.Config, args: argparse.Namespace) -> int:
@@ -137,7 +201,9 @@ async def scaler(config: cfg.Config, args: argparse.Namespace) -> int:
         config,
         args,
         "first-scaler",
-        lambda nc, url: Scaler(nc, subjects, config, _providers(config, args.config, url)),
+        lambda nc, url: Scaler(
+            nc, subjects, config, _providers(config, args.config, url, config.nats.worker_credentials_dir)
+        ),
     )
 
 
@@ -152,7 +218,7 @@ async def worker(config: cfg.Config, args: argparse.Namespace) -> int:
     if config.cluster(args.cluster) is None:
         raise UsageError(f"cluster {args.cluster!r} is not in the config")
     stop = _stop_event()
-    nc = await connect(url, f"first-worker-{args.worker_id or args.cluster}")
+    nc = await connect(url, f"first-worker-{args.worker_id or args.cluster}", _credentials(config, args))
     w = Worker(
         nc,
         Subjects(config.nats.subject_prefix),
@@ -194,6 +260,12 @@ async def usage(config: cfg.Config, args: argparse.Namespace) -> int:
     return await admin_usage.main(config, args)
 
 
+async def nats_auth(config: cfg.Config, args: argparse.Namespace) -> int:
+    from services.admin import nats_auth as admin_nats_auth
+
+    return await admin_nats_auth.main(config, args)
+
+
 COMMANDS: dict[str, Callable[[cfg.Config, argparse.Namespace], Coroutine]] = {
     "up": up,
     "gateway": gateway,
@@ -202,4 +274,5 @@ COMMANDS: dict[str, Callable[[cfg.Config, argparse.Namespace], Coroutine]] = {
     "worker": worker,
     "keys": keys,
     "usage": usage,
+    "nats-auth": nats_auth,
 }

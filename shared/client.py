@@ -79,10 +79,16 @@ class FirstClient(Lifecycle):
         max_attempts: int = 4,
         max_buffered_bytes: int = 8 << 20,
         local_router: LocalRouter | None = None,
+        user: str = "",
     ):
         self.nc = nc
         self.subjects = subjects
-        self.client_id = client_id or new_id()
+        # ``user``: a NATS-native caller, whose NATS credentials name it: it submits, cancels and
+        # reads its answers as that user (services/router/callers.py), its client id.
+        self.user = user
+        self.client_id = user or client_id or new_id()
+        self._infer_subject = subjects.infer_user(user) if user else subjects.infer
+        self._cancel_subject = subjects.cancel_user(user) if user else subjects.cancel
         self.accept_timeout_s = accept_timeout_s  # a submission nobody took up within this is sent again
         self.request_timeout_s = request_timeout_s  # until the answer begins (all waiting included)
         self.stall_timeout_s = stall_timeout_s  # silence allowed once text has begun
@@ -175,7 +181,7 @@ class FirstClient(Lifecycle):
         try:
             # The reply subject is the request's own stream: a router's refusal comes there, and so
             # does NATS's "no responders" when no router is running.
-            await self.nc.publish(self.subjects.infer, data, reply=call.request.reply_to)
+            await self.nc.publish(self._infer_subject, data, reply=call.request.reply_to)
         except nats.errors.Error as exc:
             raise _bus_trouble(exc) from None
 
@@ -202,11 +208,15 @@ class FirstClient(Lifecycle):
         cancel = schema.Cancel(request.request_id, reason, attempt)
         if call.started is not None:  # the worker runs it: tell that worker only
             cancel.attempt = request.attempt
-            subject = self.subjects.worker_cancel(call.started.worker_id)
+            subject = self._worker_cancel(call.started.worker_id)
         else:  # a router holds it, or is handing it over: routers pass it on
-            subject = self.subjects.cancel
+            subject = self._cancel_subject
         with contextlib.suppress(nats.errors.Error):
             await self.nc.publish(subject, schema.encode(cancel))
+
+    def _worker_cancel(self, worker_id: str) -> str:
+        s = self.subjects
+        return s.worker_cancel_user(worker_id, self.user) if self.user else s.worker_cancel(worker_id)
 
     async def cancel(self, request_id: str, reason: str = "client") -> None:
         """Stop one of this client's requests wherever it is."""
@@ -282,7 +292,7 @@ class FirstClient(Lifecycle):
     async def _stop_run(self, started: schema.Started, reason: str) -> None:
         cancel = schema.Cancel(started.request_id, reason, started.attempt)
         with contextlib.suppress(nats.errors.Error):
-            await self.nc.publish(self.subjects.worker_cancel(started.worker_id), schema.encode(cancel))
+            await self.nc.publish(self._worker_cancel(started.worker_id), schema.encode(cancel))
 
     async def _signal(self, call: Call, signal: Signal) -> None:
         """Act on what the watchdog or the reply handler put in the queue (in the caller's task)."""

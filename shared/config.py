@@ -6,6 +6,7 @@ A typo or a bad value fails at start with msgspec's path to the field
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -25,14 +26,28 @@ class _Cfg(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
+class NatsClientConfig(_Cfg):
+    """A NATS-native caller: it submits as the user ``name`` (its NATS credentials say so) with
+    these groups, which the models' and clusters' allowed_groups check."""
+
+    name: str
+    groups: list[str] = msgspec.field(default_factory=list)
+
+
 class NatsConfig(_Cfg):
     url: str = ""  # empty: start an embedded nats-server for this stack
     subject_prefix: str = DEFAULT_PREFIX
+    embedded_host: str = "127.0.0.1"  # where the embedded server listens; loopback unless told
     embedded_port: Port = 0  # 0: a free port
-    embedded_store_dir: str = ""  # JetStream store of the embedded server; empty: a temporary folder
+    # JetStream store and credentials of the embedded server (relative paths: to the config file).
+    # Empty: a temporary folder, so API keys and usage records end with the stack.
+    embedded_store_dir: str = ""
     # This service's NATS credentials: an nkey seed file (or a .creds file). Empty: none (the
     # embedded server of `first up` makes its own for every role).
     credentials: str = ""
+    # Where the scaler finds the seeds of the worker slots it starts (<dir>/<cluster>-n<i>.nk).
+    worker_credentials_dir: str = ""
+    clients: list[NatsClientConfig] = msgspec.field(default_factory=list)
 
 
 class GatewayConfig(_Cfg):
@@ -172,6 +187,10 @@ class Config(_Cfg):
         return model.clusters or [c.name for c in self.clusters]
 
 
+# NATS users of the stack itself (shared/natsauth.py); worker slots are <cluster>-n<i>.
+_SERVICE_USERS = frozenset({"gateway", "router", "scaler", "core", "ops", "admin"})
+
+
 class ConfigError(Exception):
     """The config file is missing or wrong; the message names the file and the field."""
 
@@ -192,7 +211,22 @@ def load_config(path: str | Path) -> Config:
         validate(config)
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    _resolve_paths(config, path.parent)
     return config
+
+
+def _resolve_paths(config: Config, base: Path) -> None:
+    """Files and folders the config names are relative to the config file, as nats-server's own
+    includes are: a command finds them whatever directory it runs in."""
+
+    def resolved(value: str) -> str:
+        return str(base / value) if value and not Path(value).is_absolute() else value
+
+    nats_cfg = config.nats
+    nats_cfg.embedded_store_dir = resolved(nats_cfg.embedded_store_dir)
+    nats_cfg.credentials = resolved(nats_cfg.credentials)
+    nats_cfg.worker_credentials_dir = resolved(nats_cfg.worker_credentials_dir)
+    config.auth.globus.client_secret_file = resolved(config.auth.globus.client_secret_file)
 
 
 def validate(config: Config) -> None:
@@ -204,6 +238,17 @@ def validate(config: Config) -> None:
         check_token(name, f"$.clusters[{i}].name")
     if len(set(names)) != len(names):
         raise ValueError("$.clusters: cluster names must be unique")
+    clients = [c.name for c in config.nats.clients]
+    for i, name in enumerate(clients):
+        check_token(name, f"$.nats.clients[{i}].name")
+    if len(set(clients)) != len(clients):
+        raise ValueError("$.nats.clients: client names must be unique")
+    slots = re.compile(rf"({'|'.join(map(re.escape, names)) or '(?!)'})-n[0-9]+")
+    for i, name in enumerate(clients):
+        if name in _SERVICE_USERS or slots.fullmatch(name):
+            raise ValueError(
+                f"$.nats.clients[{i}].name: {name!r} is the name of one of the stack's own NATS users"
+            )
     if "none" in config.auth.methods and len(config.auth.methods) > 1:
         raise ValueError('$.auth.methods: "none" (an open deployment) cannot be combined with others')
     if not config.auth.methods:

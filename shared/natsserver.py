@@ -18,6 +18,9 @@ from shared.lifecycle import Lifecycle
 
 _LISTEN = re.compile(rb"Listening for client connections on ([^\s]+):(\d+)")
 _READY = b"Server is ready"
+# '"$G/nkey:UAB…" - Publish Violation - Subject "first.v1.demand"': someone tried what their role forbids.
+_VIOLATION = re.compile(rb'"[^"/]*/nkey:([A-Z0-9]+)" - (Publish|Subscription) Violation - Subject "([^"]*)"')
+_AUTH_FAILED = re.compile(rb"\[ERR\] ([^ ]+) - cid:\d+ - .*(authentication error|Authorization Violation)")
 
 
 def find_binary() -> str:
@@ -31,10 +34,21 @@ def find_binary() -> str:
 class EmbeddedNats(Lifecycle):
     """``async with EmbeddedNats() as server: server.url`` — JetStream on, loopback only."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, store_dir: str = "", ready_timeout_s=15.0):
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        store_dir: str = "",
+        config_file: str = "",
+        users: dict[str, str] | None = None,
+        ready_timeout_s=15.0,
+    ):
         self.host, self.port = host, port
         self.url = ""
         self._store_dir = store_dir
+        self._config_file = config_file  # host, port, store and users come from it
+        self._users = users or {}  # public key -> role name, to name who was refused
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task | None = None
@@ -44,10 +58,13 @@ class EmbeddedNats(Lifecycle):
     async def start(self) -> str:
         if self._proc is not None:
             return self.url
-        if not self._store_dir:
+        if not self._store_dir and not self._config_file:
             self._tmp = tempfile.TemporaryDirectory(prefix="first-nats-")
-        store = self._store_dir or self._tmp.name
-        args = ["-a", self.host, "-p", str(self.port or -1), "-js", "-sd", store]
+        store = self._store_dir or (self._tmp.name if self._tmp else "")
+        if self._config_file:
+            args = ["-c", self._config_file]
+        else:
+            args = ["-a", self.host, "-p", str(self.port or -1), "-js", "-sd", store]
         self._proc = await asyncio.create_subprocess_exec(
             find_binary(),
             *args,
@@ -78,9 +95,20 @@ class EmbeddedNats(Lifecycle):
         return self.url
 
     async def _drain_stderr(self, proc: asyncio.subprocess.Process) -> None:
-        # Keep reading so a chatty server never blocks on a full pipe.
+        # Keep reading so a chatty server never blocks on a full pipe. Refusals are security
+        # events: named, with the role that tried, for operators to alert on.
         while line := await proc.stderr.readline():
-            if b"[ERR]" in line or b"[FTL]" in line or b"[WRN]" in line:
+            if m := _VIOLATION.search(line):
+                key = m.group(1).decode()
+                self._log.warning(
+                    "nats_permission_violation",
+                    user=self._users.get(key, key),
+                    action=m.group(2).decode().lower(),
+                    subject=m.group(3).decode(errors="replace"),
+                )
+            elif m := _AUTH_FAILED.search(line):
+                self._log.warning("nats_authentication_failed", address=m.group(1).decode(errors="replace"))
+            elif b"[ERR]" in line or b"[FTL]" in line or b"[WRN]" in line:
                 self._log.warning("nats_server", line=line.decode(errors="replace").strip())
 
     async def stop(self) -> None:

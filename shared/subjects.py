@@ -46,6 +46,15 @@ class Subjects:
     def infer(self) -> str:
         return f"{self.root}.infer"
 
+    # A NATS-native caller -> routers, as itself: the user is the one its NATS credentials name
+    # (the server lets it publish here only), so routers take the identity from the subject.
+    def infer_user(self, user: str) -> str:
+        return f"{self.root}.infer.user.{check_token(user, 'user')}"
+
+    @property
+    def infer_users(self) -> str:
+        return f"{self.root}.infer.user.*"
+
     # Router -> one worker, with a reply subject from router_ack: the worker accepts or refuses.
     def worker_infer(self, worker_id: str) -> str:
         return f"{self.root}.worker.{check_token(worker_id, 'worker id')}.infer"
@@ -62,11 +71,52 @@ class Subjects:
     def worker_cancel_all(self) -> str:
         return f"{self.root}.worker.*.cancel"
 
+    @property
+    def worker_infer_all(self) -> str:
+        return f"{self.root}.worker.*.infer"
+
+    @property
+    def worker_runs_all(self) -> str:
+        return f"{self.root}.worker.*.runs"
+
+    @property
+    def router_all(self) -> str:
+        return f"{self.root}.router.>"
+
+    @property
+    def router_heartbeat_all(self) -> str:
+        return f"{self.root}.router.*.heartbeat"
+
+    @property
+    def reply_all(self) -> str:
+        return f"{self.root}.reply.>"
+
     # Caller -> every router (no queue group): stop this request; a router that handed it to a
     # worker passes the cancel on.
     @property
     def cancel(self) -> str:
         return f"{self.root}.cancel"
+
+    # A NATS-native caller's cancels, as itself: routers and workers stop only that user's requests.
+    def cancel_user(self, user: str) -> str:
+        return f"{self.root}.cancel.user.{check_token(user, 'user')}"
+
+    @property
+    def cancel_users(self) -> str:
+        return f"{self.root}.cancel.user.*"
+
+    def worker_cancel_user(self, worker_id: str, user: str) -> str:
+        return f"{self.worker_cancel(worker_id)}.user.{check_token(user, 'user')}"
+
+    def worker_cancel_users(self, worker_id: str) -> str:
+        return f"{self.worker_cancel(worker_id)}.user.*"
+
+    def worker_cancel_user_all(self, user: str) -> str:
+        return f"{self.root}.worker.*.cancel.user.{check_token(user, 'user')}"
+
+    @property
+    def worker_cancel_users_all(self) -> str:
+        return f"{self.root}.worker.*.cancel.user.*"
 
     # Worker -> the router that dispatched: the DispatchReply for dispatch number ``n``.
     def router_ack(self, router_id: str, n: int) -> str:
@@ -83,6 +133,11 @@ class Subjects:
     @property
     def usage(self) -> str:
         return f"{self.root}.usage"
+
+    # Gateway -> every gateway: AdmittedRequests, so request limits hold across gateways.
+    @property
+    def limits(self) -> str:
+        return f"{self.root}.limits"
 
     # Worker -> routers, scaler, operators.
     def heartbeat(self, cluster: str, worker_id: str) -> str:

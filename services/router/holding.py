@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shared import schema
+from shared.cancels import may_stop
 
 
 @dataclass(slots=True)
@@ -49,10 +50,12 @@ class ModelQueue:
     def pop(self) -> Held | None:
         return self.items.popleft() if self.items else None
 
-    def remove(self, request_id: str, attempt: int | None = None) -> Held | None:
-        """Take out the request (only that attempt of it, if given)."""
+    def remove(self, request_id: str, attempt: int | None = None, *, owner: str = "") -> Held | None:
+        """Take out the request (only that attempt of it, if given; only if ``owner``, a
+        NATS-native caller, sent it, if given)."""
         for held in self.items:
-            if held.request.request_id == request_id and attempt in (None, held.request.attempt):
+            r = held.request
+            if r.request_id == request_id and attempt in (None, r.attempt) and may_stop(owner, r):
                 self.items.remove(held)
                 return held
         return None

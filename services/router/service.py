@@ -19,13 +19,14 @@ import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 
+from services.router import callers
 from services.router.dispatch import Dispatches, Pending
 from services.router.holding import Held, ModelQueue
 from services.router.registry import Registry
 from services.router.status import ClusterView
 from shared import config as cfg
 from shared import errors, schema
-from shared.book import RecentIds
+from shared.cancels import Cancels
 from shared.children import cancel_and_wait
 from shared.connect import unsubscribe
 from shared.lifecycle import Lifecycle
@@ -51,7 +52,7 @@ class Router(Lifecycle):
         self.queues = {m.id: ModelQueue() for m in config.models}
         self._models = {m.id: m for m in config.models}
         self.dispatches = Dispatches(self.settings.dispatch_timeout_s)
-        self._cancelled = RecentIds()
+        self._cancelled = Cancels()
         self._published: dict[str, int] = {}  # the queue length each model's last Demand said
         self._ack_prefix = subjects.router_ack(self.router_id, 0)[:-1]
         self._next_beat = self._next_demand = 0.0
@@ -70,11 +71,13 @@ class Router(Lifecycle):
             await nc.subscribe(s.heartbeat_all, cb=self._on_heartbeat),
             await nc.subscribe(s.router_ack_all(self.router_id), cb=self._on_ack),
             await nc.subscribe(s.cancel, cb=self._on_cancel),
+            await nc.subscribe(s.cancel_users, cb=self._on_cancel),
             await nc.subscribe(s.demand, cb=self._on_demand),
             await nc.subscribe(s.node_events, cb=self._on_node_event),
         ]
         self._infer_subs += [
             await nc.subscribe(s.infer, queue=ROUTERS_QUEUE, cb=self._on_infer),
+            await nc.subscribe(s.infer_users, queue=ROUTERS_QUEUE, cb=self._on_infer),
             await nc.subscribe(s.status, queue=ROUTERS_QUEUE, cb=self._on_status),
         ]
         self._task = asyncio.create_task(every(_TICK_S, self._housekeeping, name="router"), name="router")
@@ -118,14 +121,26 @@ class Router(Lifecycle):
 
     @guarded
     async def _on_infer(self, msg) -> None:
+        user = callers.user_of(msg.subject) if msg.subject != self.subjects.infer else ""
         try:
             request = schema.infer_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:
-            if msg.reply:
+            if msg.reply and (not user or msg.reply.startswith(callers.reply_prefix(self.subjects, user))):
                 err = errors.BadRequest(f"undecodable InferRequest: {_shown(str(exc), 300)}")
                 await self._send(msg.reply, err.to_wire(""))
             return
-        await self._admit(request, msg.data)
+        data = msg.data
+        if user:  # a NATS-native caller: it is who its subject says, and answers go to it only
+            try:
+                request, data = callers.admit(request, user, self.subjects, self.config)
+            except callers.Refused as exc:
+                if self._bad_input(msg.subject):
+                    self._log.warning("request_refused", user=user, reason=str(exc))
+                return
+            except errors.FirstError as exc:
+                await self._send(request.reply_to, exc.to_wire(request.request_id, request.attempt))
+                return
+        await self._admit(request, data)
 
     async def _admit(self, request: schema.InferRequest, data: bytes) -> None:
         rid = request.request_id
@@ -183,10 +198,7 @@ class Router(Lifecycle):
     # --- dispatch ------------------------------------------------------------------------------
 
     def _was_cancelled(self, request: schema.InferRequest) -> bool:
-        return (
-            request.request_id in self._cancelled
-            or schema.run_key(request.request_id, request.attempt) in self._cancelled
-        )
+        return self._cancelled.stops(request)
 
     async def _dispatch(self, held: Held, worker_id: str) -> None:
         held.dispatches += 1
@@ -283,14 +295,19 @@ class Router(Lifecycle):
             cancel = schema.cancel_decoder.decode(msg.data)
         except msgspec.DecodeError:
             return
+        # From a NATS-native caller (cancel.user.<name>): only its own requests stop.
+        owner = callers.user_of(msg.subject) if msg.subject != self.subjects.cancel else ""
         rid = cancel.request_id
-        self._cancelled.add(rid if cancel.attempt is None else schema.run_key(rid, cancel.attempt))
+        self._cancelled.add(cancel, owner)
         for model, queue in self.queues.items():
-            if queue.remove(rid, cancel.attempt) is not None:
+            if queue.remove(rid, cancel.attempt, owner=owner) is not None:
                 self._log.info("held_request_cancelled", request_id=rid, reason=cancel.reason[:100])
                 await self._publish_demand(model)
         if wid := self.dispatches.worker_of(rid):  # handed over already: the cancel follows it
-            await self._send(self.subjects.worker_cancel(wid), cancel)
+            subject = (
+                self.subjects.worker_cancel_user(wid, owner) if owner else self.subjects.worker_cancel(wid)
+            )
+            await self._send(subject, cancel)
 
     # --- what others report --------------------------------------------------------------------
 

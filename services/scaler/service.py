@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from dataclasses import dataclass
 
 import msgspec
@@ -16,7 +15,7 @@ from nats.aio.client import Client as NATS
 from services.scaler.policy import ModelView, WorkerLoad, decide
 from services.scaler.providers.base import NodeProvider, NodeSpec
 from shared import config as cfg
-from shared import schema
+from shared import natsauth, schema
 from shared.book import DemandBook, WorkerBook
 from shared.connect import unsubscribe
 from shared.lifecycle import Lifecycle
@@ -49,6 +48,7 @@ class Scaler(Lifecycle):
         self.workers = WorkerBook(config.router.missed_heartbeats)
         self.demand = DemandBook(max_per_router=config.router.max_queue)
         self.nodes: dict[str, NodeRecord] = {}
+        self._slot_cursor: dict[str, int] = {}  # cluster -> the slot index to try first
         self._failures: dict[str, int] = {}  # model -> failed starts in a row
         self._not_before: dict[str, float] = {}  # model -> no new start before this (backoff)
         self._subs: list = []
@@ -180,7 +180,7 @@ class Scaler(Lifecycle):
         cluster = self._pick_cluster(model)
         if cluster is None:
             return False
-        node_id = f"{cluster}-n{uuid.uuid4().hex[:8]}"
+        node_id = self._free_slot(cluster)
         spec = NodeSpec(node_id=node_id, model=model.id, cluster=cluster)
         provider = self.providers[cluster]
         record = NodeRecord(spec, provider, "requested", time.monotonic())
@@ -199,6 +199,20 @@ class Scaler(Lifecycle):
             return False
         await self._event(record)
         return True
+
+    def _free_slot(self, cluster: str) -> str:
+        """A node slot of the cluster that no node of ours holds: ``<cluster>-n<i>``, i below its
+        max_nodes, taken in turn, so a replacement gets a fresh id while other slots are free.
+        Slots are what NATS credentials are made for (shared/natsauth.py); a slot is free again
+        only once its provider reports the node gone."""
+        held = {r.spec.node_id for r in self.nodes.values()}
+        size = self.config.cluster(cluster).max_nodes
+        start = self._slot_cursor.get(cluster, 0)
+        for i in (n % size for n in range(start, start + size)):
+            if (slot := natsauth.worker_slot(cluster, i)) not in held:
+                self._slot_cursor[cluster] = i + 1
+                return slot
+        raise RuntimeError(f"cluster {cluster} has no free node slot")  # _pick_cluster checked for room
 
     def _pick_cluster(self, model: cfg.ModelConfig) -> str | None:
         """The model's cluster with a provider and room, fewest of our nodes first."""

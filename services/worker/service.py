@@ -23,6 +23,7 @@ from services.worker.run import Runner
 from shared import config as cfg
 from shared import schema
 from shared.book import RecentIds
+from shared.cancels import Cancels, native_user
 from shared.connect import unsubscribe
 from shared.lifecycle import Lifecycle
 from shared.subjects import Subjects
@@ -55,7 +56,8 @@ class Worker(Lifecycle):
         self.node_id = node_id
         self.state: schema.WorkerState = "starting"
         self._tasks: dict[str, asyncio.Task] = {}  # run key (request id:attempt) -> its task
-        self._cancelled = RecentIds()  # request ids, or run keys, cancelled lately
+        self._owners: dict[str, str] = {}  # run key -> its NATS-native caller, if it has one
+        self._cancelled = Cancels()
         self._ran = RecentIds(ttl_s=30.0)  # run keys taken lately: a second dispatch is a duplicate
         self._runner = Runner(
             nc,
@@ -67,6 +69,7 @@ class Worker(Lifecycle):
             stopping=lambda: self.state == "stopped",
         )
         self._subs: list = []
+        self._cancel_subject = subjects.worker_cancel(self.worker_id)
         self._infer_sub = None
         self._beat_now = asyncio.Event()
         self._heartbeat_task: asyncio.Task | None = None
@@ -87,9 +90,10 @@ class Worker(Lifecycle):
             return
         self._started = True
         self._heartbeat_task = asyncio.create_task(self._heartbeats(), name="worker-heartbeats")
-        self._subs.append(
-            await self.nc.subscribe(self.subjects.worker_cancel(self.worker_id), cb=self._on_cancel)
-        )
+        self._subs += [
+            await self.nc.subscribe(self._cancel_subject, cb=self._on_cancel),
+            await self.nc.subscribe(self.subjects.worker_cancel_users(self.worker_id), cb=self._on_cancel),
+        ]
         self._set_state("loading")
         try:
             async with asyncio.timeout(self.settings.engine_start_timeout_s):
@@ -218,7 +222,7 @@ class Worker(Lifecycle):
             await self._answer(msg, False, f"undecodable request: {str(exc)[:300]}")
             return
         key = schema.run_key(request.request_id, request.attempt)
-        if request.request_id in self._cancelled or key in self._cancelled:
+        if self._cancelled.stops(request):
             reason = schema.CANCELLED
         elif key in self._tasks or key in self._ran:
             reason = schema.DUPLICATE
@@ -237,6 +241,8 @@ class Worker(Lifecycle):
         )
         task = asyncio.create_task(self._runner.run(request, started), name=f"request-{key}")
         self._tasks[key] = task
+        if owner := native_user(request):
+            self._owners[key] = owner
         task.add_done_callback(lambda _t, k=key: self._request_done(k))
         if self.in_flight >= self.model.capacity:
             self._beat_now.set()  # full: routers should stop sending here before the next beat
@@ -252,6 +258,7 @@ class Worker(Lifecycle):
     def _request_done(self, key: str) -> None:
         was_full = self.in_flight >= self.model.capacity
         self._tasks.pop(key, None)
+        self._owners.pop(key, None)
         self._last_done = time.monotonic()
         if was_full:
             self._beat_now.set()  # a slot opened: routers holding requests should hear it now
@@ -262,14 +269,17 @@ class Worker(Lifecycle):
             cancel = schema.cancel_decoder.decode(msg.data)
         except msgspec.DecodeError:
             return
+        # From a NATS-native caller (cancel.user.<name>): only its own runs stop.
+        owner = msg.subject.rpartition(".")[2] if msg.subject != self._cancel_subject else ""
         rid = cancel.request_id
+        self._cancelled.add(cancel, owner)
         if cancel.attempt is None:
-            self._cancelled.add(rid)
             keys = [k for k in self._tasks if k.rpartition(":")[0] == rid]
         else:
             key = schema.run_key(rid, cancel.attempt)
-            self._cancelled.add(key)
             keys = [key] if key in self._tasks else []
         for key in keys:
+            if owner and self._owners.get(key) != owner:
+                continue
             self._log.info("request_cancelled", request_id=rid, reason=cancel.reason[:200])
             self._tasks[key].cancel("cancelled")

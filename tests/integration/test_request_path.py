@@ -152,7 +152,6 @@ async def test_a_cancel_that_overtakes_its_request_still_stops_it(services, nc, 
     worker = await services.worker(config, "m", worker_id="w")
     await nc.publish(subjects.worker_cancel("w"), schema.encode(schema.Cancel("late-request")))
     await nc.flush()
-    await eventually(lambda: "late-request" in worker._cancelled, what="the worker to hear the cancel")
     request = schema.InferRequest(
         request_id="late-request",
         model="m",
@@ -161,6 +160,7 @@ async def test_a_cancel_that_overtakes_its_request_still_stops_it(services, nc, 
         reply_to=subjects.reply_stream("gone", "late-request"),
         created=0.0,
     )
+    await eventually(lambda: worker._cancelled.stops(request), what="the worker to hear the cancel")
     msg = await nc.request(subjects.worker_infer("w"), schema.encode(request), timeout=2)
     reply = schema.dispatch_reply_decoder.decode(msg.data)
     assert (reply.accepted, reply.reason) == (False, schema.CANCELLED)

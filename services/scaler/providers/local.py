@@ -6,6 +6,7 @@ import asyncio
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
@@ -25,15 +26,18 @@ class _Proc:
 class LocalProvider(NodeProvider):
     name = "local"
 
-    def __init__(self, config_path: str, nats_url: str, *, stop_timeout_s: float = 330.0):
+    def __init__(
+        self, config_path: str, nats_url: str, *, stop_timeout_s: float = 330.0, credentials_dir: str = ""
+    ):
         self.config_path = config_path
         self.nats_url = nats_url
         self.stop_timeout_s = stop_timeout_s
+        self.credentials_dir = credentials_dir  # each node's NATS seed: <dir>/<node id>.nk
         self._procs: dict[str, _Proc] = {}
         self._log = structlog.get_logger().bind(service="scaler", provider=self.name)
 
     def command(self, spec: NodeSpec) -> list[str]:
-        return [
+        argv = [
             sys.executable, "-m", "services.cli", "worker",
             "--config", self.config_path,
             "--nats", self.nats_url,
@@ -42,6 +46,9 @@ class LocalProvider(NodeProvider):
             "--worker-id", spec.node_id,
             "--node-id", spec.node_id,
         ]  # fmt: skip
+        if self.credentials_dir:
+            argv += ["--credentials", str(Path(self.credentials_dir) / f"{spec.node_id}.nk")]
+        return argv
 
     async def start_node(self, spec: NodeSpec) -> None:
         # stdout/stderr are inherited: the worker's log lines join the stack's.

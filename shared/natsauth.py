@@ -1,0 +1,234 @@
+"""Who may do what on NATS: one nkey user per role, with permissions that allow only that role's
+subjects. ``first up`` writes this for its embedded server; ``first nats-auth`` writes it for a
+site's own servers (docs/security.md describes the roles and the production layout).
+
+Everything a role is not allowed is denied, JetStream's API included. Each user's replies come
+to its own inbox prefix (``_INBOX.<its public key>``), so no one reads another's answers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nkeys
+import orjson
+
+from shared import config as cfg
+from shared.subjects import Subjects, check_token
+
+JS_INFO = "$JS.API.INFO"
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str  # the user's name: a NATS-native client's identity, a worker slot's id
+    kind: str  # gateway, router, scaler, worker, client, ops, admin
+    publish: list[str]
+    subscribe: list[str]
+    allow_responses: bool = False  # may answer a request it received (once), whatever its reply subject
+
+
+def inbox_prefix(public_key: str) -> str:
+    """The inbox prefix of the user with this public key; connect() sets it, its role allows it."""
+    return f"_INBOX.{public_key}"
+
+
+def public_key(seed: bytes) -> str:
+    return nkeys.from_seed(bytearray(seed.strip())).public_key.decode()
+
+
+def worker_slot(cluster: str, index: int) -> str:
+    """The id (and NATS user) of a cluster's index-th node slot: ``<cluster>-n<index>``."""
+    return f"{check_token(cluster, 'cluster')}-n{index}"
+
+
+def keys_bucket(config: cfg.Config) -> str:
+    """The JetStream KV bucket of the API keys."""
+    return config.auth.keys.bucket or config.nats.subject_prefix.replace(".", "_") + "_keys"
+
+
+def usage_stream(config: cfg.Config) -> str:
+    """The JetStream stream of the usage records."""
+    return config.usage.stream or config.nats.subject_prefix.replace(".", "_").upper() + "_USAGE"
+
+
+def _kv_reader(bucket: str) -> list[str]:
+    """What watching and reading a KV bucket takes: its stream's info, an ordered consumer on it
+    (created, checked, flow-controlled, deleted) and direct gets."""
+    stream = f"KV_{bucket}"
+    return [
+        JS_INFO,
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.DELETE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.>",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.FC.{stream}.>",
+    ]
+
+
+def _stream_keeper(stream: str) -> list[str]:
+    """What making sure a stream exists with its configured limits takes."""
+    return [JS_INFO, f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.STREAM.UPDATE.{stream}",
+            f"$JS.API.STREAM.INFO.{stream}"]  # fmt: skip
+
+
+def service_roles(config: cfg.Config) -> list[Role]:
+    """The stack's own services: gateway, router, scaler."""
+    s = Subjects(config.nats.subject_prefix)
+    keys_reader = _kv_reader(keys_bucket(config))
+    usage_keeper = _stream_keeper(usage_stream(config))
+    return [
+        Role(
+            "gateway",
+            "gateway",
+            publish=[s.infer, s.cancel, s.worker_cancel_all, s.status, s.limits, *keys_reader],
+            subscribe=[s.reply_all, s.router_heartbeat_all, s.worker_runs_all, s.usage, s.limits],
+        ),
+        Role(
+            "router",
+            "router",
+            publish=[
+                s.worker_infer_all,
+                s.worker_cancel_all,
+                s.worker_cancel_users_all,
+                s.reply_all,
+                s.demand,
+                s.router_heartbeat_all,
+                *usage_keeper,
+            ],
+            subscribe=[
+                s.infer,
+                s.infer_users,
+                s.status,
+                s.cancel,
+                s.cancel_users,
+                s.heartbeat_all,
+                s.router_all,
+                s.demand,
+                s.node_events,
+                s.usage,
+            ],
+            allow_responses=True,  # status answers go to the asker's inbox
+        ),
+        Role("scaler", "scaler", publish=[s.node_events], subscribe=[s.heartbeat_all, s.demand]),
+    ]
+
+
+def worker_role(config: cfg.Config, cluster: str, index: int) -> Role:
+    """One node slot: its own dispatches and cancels in, its own beats and its answers out."""
+    s = Subjects(config.nats.subject_prefix)
+    wid = worker_slot(cluster, index)
+    return Role(
+        wid,
+        "worker",
+        publish=[s.reply_all, s.heartbeat(cluster, wid), s.worker_runs(wid), s.usage],
+        subscribe=[s.worker_infer(wid), s.worker_cancel(wid), s.worker_cancel_users(wid)],
+        allow_responses=True,  # its DispatchReply, to the router that sent the request
+    )
+
+
+def client_role(config: cfg.Config, user: str) -> Role:
+    """A NATS-native caller: submits and cancels as itself only and reads only its own answers."""
+    s = Subjects(config.nats.subject_prefix)
+    check_token(user, "client name")
+    return Role(
+        user,
+        "client",
+        publish=[s.infer_user(user), s.cancel_user(user), s.worker_cancel_user_all(user), s.status],
+        subscribe=[s.reply_stream_all(user), s.router_heartbeat_all, s.worker_runs_all],
+    )
+
+
+def ops_role(config: cfg.Config) -> Role:
+    """Operators' read-only view: beats, demand, node events, usage, status."""
+    s = Subjects(config.nats.subject_prefix)
+    return Role(
+        "ops",
+        "ops",
+        publish=[s.status],
+        subscribe=[
+            s.heartbeat_all,
+            s.demand,
+            s.node_events,
+            s.usage,
+            s.router_heartbeat_all,
+            s.worker_runs_all,
+        ],
+    )
+
+
+def roles(config: cfg.Config) -> list[Role]:
+    """Every user of a deployment: the services, one per worker slot (each cluster's max_nodes),
+    one per NATS-native client in ``nats.clients``, ops, and admin (``first keys``, ``first usage``:
+    everything)."""
+    out = service_roles(config)
+    out += [worker_role(config, c.name, i) for c in config.clusters for i in range(c.max_nodes)]
+    out += [client_role(config, c.name) for c in config.nats.clients]
+    out += [ops_role(config), Role("admin", "admin", publish=[">"], subscribe=[">"])]
+    return out
+
+
+def combined(name: str, *parts: Role) -> Role:
+    """One user for services that share a process and a connection (``first up``: gateway and router)."""
+    return Role(
+        name,
+        "+".join(r.kind for r in parts),
+        publish=list(dict.fromkeys(p for r in parts for p in r.publish)),
+        subscribe=list(dict.fromkeys(p for r in parts for p in r.subscribe)),
+        allow_responses=any(r.allow_responses for r in parts),
+    )
+
+
+@dataclass
+class Credentials:
+    """Seeds on disk, one file per role (``<dir>/<name>.nk``, readable by the owner only), and the
+    server's authorization block that names their public keys."""
+
+    directory: Path
+    roles: list[Role] = field(default_factory=list)
+
+    def seed_file(self, name: str) -> Path:
+        return self.directory / f"{name}.nk"
+
+    def public_keys(self) -> dict[str, str]:
+        """Role name by public key (the server's log names users by key)."""
+        return {public_key(self.seed_file(r.name).read_bytes()): r.name for r in self.roles}
+
+    def authorization(self) -> dict:
+        users = []
+        for role in self.roles:
+            key = public_key(self.seed_file(role.name).read_bytes())
+            subscribe = [*role.subscribe, f"{inbox_prefix(key)}.>"]
+            permissions: dict = {"publish": {"allow": role.publish}, "subscribe": {"allow": subscribe}}
+            if role.allow_responses:
+                permissions["allow_responses"] = True
+            users.append({"nkey": key, "permissions": permissions})
+        return {"authorization": {"users": users}}
+
+
+def write_credentials(directory: str | Path, role_list: list[Role]) -> Credentials:
+    """A fresh seed for every role that has none yet in ``directory``; existing seeds are kept, so
+    a restarted server admits the services that already hold them."""
+    path = Path(directory)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for role in role_list:
+        seed_file = path / f"{role.name}.nk"
+        if not seed_file.exists():
+            seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+            fd = os.open(seed_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(seed + b"\n")
+    return Credentials(path, role_list)
+
+
+def server_config(credentials: Credentials, *, host: str, port: int, store_dir: str) -> bytes:
+    """A nats-server config file (NATS's format reads JSON) with JetStream and the users."""
+    return orjson.dumps(
+        {"host": host, "port": port, "jetstream": {"store_dir": store_dir}, **credentials.authorization()},
+        option=orjson.OPT_INDENT_2,
+    )
