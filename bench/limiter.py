@@ -2,9 +2,9 @@
 call by call.
 
 Per request a gateway runs ``admit`` (limits_for, five window reads, two adds) and the headers
-(``add_headers``); every gateway also takes in the run's UsageRecord (decode + three adds), and,
-once per share interval, the AdmittedRequests of each other gateway (amortized here over the
-requests of one interval). Five limits apply in every row (the worst case), none refuses.
+(``add_headers``), and counts the tokens of the answer (``spent``: three adds); once per share
+interval, every other gateway takes in its AdmittedRequests (amortized here over the requests of
+one interval). Five limits apply in every row (the worst case), none refuses.
 
 Run: ``.venv/bin/python -m bench.limiter [--requests 200000]``; it prints µs per request.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import time
 
@@ -101,36 +100,13 @@ async def _noop_response() -> None:
     web.Response()
 
 
-def bench_usage(requests: int, users: int) -> list[int]:
+def bench_spent(requests: int, users: int) -> list[int]:
+    """An answer's tokens counted at the gateway that delivered it (``Limiter.spent``)."""
     limiter = _limiter()
-    records = [
-        schema.encode(
-            schema.UsageRecord(
-                request_id=f"r{u}",
-                model=f"m{u % 4}",
-                endpoint="chat",
-                worker_id="w",
-                cluster="c",
-                outcome="ok",
-                prompt_tokens=20,
-                completion_tokens=16,
-                identity=schema.Identity(user=f"user-{u}", kind="key", groups=["g1"]),
-            )
-        )
-        for u in range(users)
-    ]
+    identities = [schema.Identity(user=f"user-{u}", kind="key", groups=["g1"]) for u in range(users)]
 
-    class Msg:
-        subject = "bench.v1.usage"
-
-        def __init__(self, data):
-            self.data = data
-
-    msgs = [Msg(r) for r in records]
-
-    def step(i: int) -> None:  # the callback never awaits: one send runs it to the end
-        with contextlib.suppress(StopIteration):
-            limiter._on_usage(msgs[i % users]).send(None)
+    def step(i: int) -> None:
+        limiter.spent(identities[i % users], f"m{i % 4}", 36)
 
     return _time(requests, step)
 
@@ -140,14 +116,16 @@ def bench_share(users: int, per_interval: int) -> float:
     sender, receiver = _limiter(), _limiter()
     for i in range(per_interval):
         sender.ledger.admit(f"user-{i % users}", CONFIG.limits.user, f"m{i % 4}")
+        sender.ledger.spent_here(f"user-{i % users}", f"m{i % 4}", 36)
     rounds = 200
     t0 = time.perf_counter_ns()
     for _ in range(rounds):
         unshared = dict(sender.ledger.unshared)
-        counts = [schema.Admitted(u, n, m) for (u, m), n in unshared.items()]
+        counts = [schema.Admitted(u, n, m, t) for (u, m), (n, t) in unshared.items()]
         data = schema.encode(schema.AdmittedRequests("gw", counts))
         for a in schema.admitted_decoder.decode(data).counts:
             receiver.ledger.admitted_elsewhere(a.user, a.model, a.requests)
+            receiver.ledger.spent(a.user, a.model, a.tokens)
     return (time.perf_counter_ns() - t0) / rounds / per_interval / 1000
 
 
@@ -162,7 +140,7 @@ def main() -> None:
     print(f"admit, 10,000 users, no groups    {_stats(bench_admit(n, 10_000, []))}")
     print(f"admit, 10,000 users, 3 groups     {_stats(bench_admit(n, 10_000, ['g1', 'g2', 'g3']))}")
     print(f"x-ratelimit headers (add_headers) {_stats(asyncio.run(bench_headers(n)))}")
-    print(f"usage record in (decode + count)  {_stats(bench_usage(n, 10_000))}")
+    print(f"an answer's tokens (spent)        {_stats(bench_spent(n, 10_000))}")
     for rate in (100, 5000):  # requests per second through one gateway: per_interval = rate x 0.1 s
         per_interval = rate // 10
         us = bench_share(min(per_interval, 64), per_interval)

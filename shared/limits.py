@@ -2,12 +2,13 @@
 apply to an identity (``limits_for``), and the ``Limiter`` that enforces them across gateways.
 
 Every gateway keeps its own counts (shared/limits_ledger.py) and checks a request against them
-with dict work only: no NATS round trip on the request path. The counts agree across gateways
-because each hears what the others saw: tokens from the UsageRecords that every worker publishes
-on ``<p>.v1.usage`` (every gateway reads them all: exact, and no extra message per request), and
-requests from an ``AdmittedRequests`` summary that each gateway publishes on ``<p>.v1.limits`` at
-most every SHARE_INTERVAL_S while it admits any (so another gateway's requests count up to that
-much late). docs/config.md, "[limits]", says what is exact and what is approximate.
+with dict work only: no NATS round trip on the request path. Each counts the requests it admits and
+the tokens of the answers it delivers (the usage of an answer's last message, which it reads
+anyway), and publishes what it counted on ``<p>.v1.limits`` (``AdmittedRequests``) at most every
+SHARE_INTERVAL_S while there is any; every other gateway adds that to its counts, so another
+gateway's requests and tokens count here up to that much late. No message per request is added:
+reading every UsageRecord instead cost each gateway one NATS message per request of the whole
+deployment (bench/auth.py). docs/config.md, "[limits]", says what is exact and what is approximate.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def limits_for(identity: schema.Identity, config: cfg.Config) -> LimitSet:
 
 
 class Limiter(Lifecycle):
-    """Counts what every gateway admits and what every run spends; ``admit`` decides a request."""
+    """Counts what every gateway admits and what their answers spend; ``admit`` decides a request."""
 
     def __init__(
         self,
@@ -86,10 +87,7 @@ class Limiter(Lifecycle):
     async def start(self) -> None:
         if self._task is not None:
             return
-        self._subs = [
-            await self.nc.subscribe(self.subjects.usage, cb=self._on_usage),
-            await self.nc.subscribe(self.subjects.limits, cb=self._on_admitted),
-        ]
+        self._subs = [await self.nc.subscribe(self.subjects.limits, cb=self._on_admitted)]
         self._task = asyncio.create_task(every(SHARE_INTERVAL_S, self._tick, name="limiter"), name="limiter")
 
     async def stop(self) -> None:
@@ -124,25 +122,15 @@ class Limiter(Lifecycle):
             limits = self._limits_of_groups[groups] = limits_for(identity, self.config)
         return limits
 
+    def spent(self, identity: schema.Identity, model_id: str, tokens: int) -> None:
+        """The tokens (prompt + completion) an answer this gateway delivered used."""
+        if identity.kind != "anonymous" and model_id in self._models:
+            self.ledger.spent_here(identity.user, model_id, tokens)
+
     def usage(self, identity: schema.Identity) -> dict:
         return self.ledger.usage(identity.user, list(self._models))
 
     # --- what the others report ---------------------------------------------------------------
-
-    @guarded
-    async def _on_usage(self, msg) -> None:
-        try:
-            record = schema.usage_decoder.decode(msg.data)
-        except msgspec.DecodeError:
-            if self._bad_input("usage"):
-                self._log.warning("undecodable_usage_record", note="logged once a minute")
-            return
-        if record.model not in self._models:
-            return  # no run of an unknown model: a broken or hostile sender
-        user = None
-        if record.identity is not None and record.identity.kind != "anonymous":
-            user = record.identity.user
-        self.ledger.spent(user, record.model, record.prompt_tokens + record.completion_tokens)
 
     @guarded
     async def _on_admitted(self, msg) -> None:
@@ -155,7 +143,10 @@ class Limiter(Lifecycle):
         if admitted.gateway_id == self.gateway_id:
             return  # our own, counted when admitted
         for a in admitted.counts:
-            self.ledger.admitted_elsewhere(a.user, a.model if a.model in self._models else None, a.requests)
+            model = a.model if a.model in self._models else None
+            self.ledger.admitted_elsewhere(a.user, model, a.requests)
+            if model is not None:
+                self.ledger.spent(a.user, model, a.tokens, grow=False)
 
     # --- periodic -----------------------------------------------------------------------------
 
@@ -170,7 +161,7 @@ class Limiter(Lifecycle):
         unshared = self.ledger.take_unshared()
         if not unshared:
             return
-        counts = [schema.Admitted(user, n, model) for (user, model), n in unshared.items()]
+        counts = [schema.Admitted(user, n, model, tokens) for (user, model), (n, tokens) in unshared.items()]
         for i in range(0, len(counts), _MAX_COUNTS_PER_MESSAGE):
             message = schema.AdmittedRequests(self.gateway_id, counts[i : i + _MAX_COUNTS_PER_MESSAGE])
             # Lost while NATS is away: the others then undercount this gateway's last 0.1 s.

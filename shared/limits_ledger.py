@@ -19,7 +19,7 @@ from shared.access_config import LimitSet
 from shared.limits_window import Window
 
 REQUEST_SPAN_S, REQUEST_SLOTS = 1.0, 10  # a request leaves the count 1.0 to 1.1 s after it came
-TOKEN_SPAN_S, TOKEN_SLOTS = 60.0, 30  # tokens leave it 60 to 62 s after their usage record came
+TOKEN_SPAN_S, TOKEN_SLOTS = 60.0, 30  # tokens leave it 60 to 62 s after their answer ended
 
 
 @dataclass(slots=True)
@@ -71,8 +71,9 @@ class Ledger:
         self.tokens = Window(TOKEN_SPAN_S, TOKEN_SLOTS, max_keys=max_keys)  # user
         self.model_tokens = Window(TOKEN_SPAN_S, TOKEN_SLOTS, max_keys=max_keys)  # (user, model)
         self.total_tokens = Window(TOKEN_SPAN_S, TOKEN_SLOTS, max_keys=max_keys)  # model, all users
-        # Requests admitted here that the other gateways have not been told of: (user, model or "").
-        self.unshared: dict[tuple[str, str], int] = {}
+        # Requests admitted and tokens spent here that the other gateways have not been told of,
+        # by (user, model or ""): [requests, tokens].
+        self.unshared: dict[tuple[str, str], list[int]] = {}
 
     def admit(self, user: str, limits: LimitSet, model: str | None = None, model_tpm: int = 0) -> Verdict:
         """Admit (and count) one request of ``user`` for ``model`` (None: not a model of the config,
@@ -106,7 +107,10 @@ class Ledger:
             if model is not None:
                 self.model_requests.add(pair, 1, now)
             shared = (user, model or "")
-            self.unshared[shared] = self.unshared.get(shared, 0) + 1
+            if (unshared := self.unshared.get(shared)) is None:
+                self.unshared[shared] = [1, 0]
+            else:
+                unshared[0] += 1
             for c in requests:
                 c.count += 1
         standing = Standing()
@@ -120,8 +124,19 @@ class Ledger:
             standing.tokens_reset_s = c.window.reset_in(c.key, now)
         return Verdict(standing, refusal, wait)
 
+    def spent_here(self, user: str, model: str, tokens: int) -> None:
+        """Tokens an answer this gateway delivered used: counted, and told to the others."""
+        if tokens <= 0:
+            return
+        self.spent(user, model, tokens, grow=True)
+        shared = (user, model)
+        if (unshared := self.unshared.get(shared)) is None:
+            self.unshared[shared] = [0, tokens]
+        else:
+            unshared[1] += tokens
+
     def spent(self, user: str | None, model: str, tokens: int, *, grow: bool = False) -> None:
-        """Tokens a run of ``model`` produced for ``user`` (None: anonymous), from its usage record."""
+        """Tokens that answers of ``model`` used for ``user`` (None: anonymous)."""
         if tokens <= 0:
             return
         now = self.clock()
@@ -140,7 +155,8 @@ class Ledger:
         if model is not None:
             self.model_requests.add((user, model), n, now, grow=False)
 
-    def take_unshared(self) -> dict[tuple[str, str], int]:
+    def take_unshared(self) -> dict[tuple[str, str], list[int]]:
+        """What to tell the others: [requests, tokens] by (user, model or "")."""
         taken, self.unshared = self.unshared, {}
         return taken
 

@@ -87,7 +87,7 @@ def service_roles(config: cfg.Config) -> list[Role]:
             "gateway",
             "gateway",
             publish=[s.infer, s.cancel, s.worker_cancel_all, s.status, s.limits, *keys_reader],
-            subscribe=[s.reply_all, s.router_heartbeat_all, s.worker_runs_all, s.usage, s.limits],
+            subscribe=[s.reply_all, s.router_heartbeat_all, s.worker_runs_all, s.limits],
         ),
         Role(
             "router",
@@ -111,7 +111,6 @@ def service_roles(config: cfg.Config) -> list[Role]:
                 s.router_all,
                 s.demand,
                 s.node_events,
-                s.usage,
             ],
             allow_responses=True,  # status answers go to the asker's inbox
         ),

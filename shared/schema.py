@@ -267,16 +267,18 @@ class UsageRecord(_Msg, tag="usage"):
 
 
 class Admitted(msgspec.Struct, omit_defaults=True):
-    """Requests of one user (for one model) that a gateway admitted."""
+    """Requests of one user (for one model) that a gateway admitted, and the tokens their answers
+    used (prompt + completion, counted when an answer ends)."""
 
     user: Annotated[str, msgspec.Meta(max_length=256)]
     requests: Count
     model: Annotated[str, msgspec.Meta(max_length=256)] = ""  # "": a model not in the config
+    tokens: Count = 0
 
 
 class AdmittedRequests(_Msg, tag="admitted"):
-    """What one gateway admitted since its last AdmittedRequests (sent at most every 0.1 s, and
-    only when it admitted any): every other gateway counts these against the request limits."""
+    """What one gateway admitted and spent since its last AdmittedRequests (sent at most every
+    0.1 s, and only when there is any): every other gateway counts it against the limits."""
 
     gateway_id: Token
     counts: Annotated[list[Admitted], msgspec.Meta(max_length=10_000)] = msgspec.field(default_factory=list)

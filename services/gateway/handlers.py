@@ -40,16 +40,20 @@ async def _infer(
     shape = ResponseShape(endpoint, request_id, req.model, include_usage=req.include_usage)
     if not req.stream:
         result = await client.complete(req.model, endpoint, raw, request_id=request_id, identity=who)
+        limits.spent(request, identity, req.model, result.usage, 0)
         return json_response(shape.completion(result), headers={REQUEST_ID_HEADER: request_id})
 
     response: web.StreamResponse | None = None
     framer = ChunkFramer(shape)
     keepalive_s = request.app[keys.CONFIG].gateway.sse_keepalive_s
+    usage, streamed = None, 0
     async with client.open(
         req.model, endpoint, raw, request_id=request_id, keepalive_s=keepalive_s, identity=who
     ) as answer:
         try:
             async for chunk in answer:
+                if chunk is not None:
+                    usage, streamed = chunk.usage or usage, streamed + len(chunk.deltas)
                 if response is None:
                     # Headers go out with the first tokens (or once the wait is long enough to need
                     # keep-alives), so queueing and engine errors that come earlier keep their status.
@@ -69,6 +73,8 @@ async def _infer(
             # The client went away mid-stream; leaving the block cancels the request on the worker.
             structlog.get_logger().info("client_disconnected")
             return response
+        finally:
+            limits.spent(request, identity, req.model, usage, streamed)
     if response is None:
         raise errors.EngineError("the answer ended before it began")
     await response.write_eof()  # a no-op when the last chunk already ended the body

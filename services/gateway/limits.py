@@ -5,6 +5,8 @@ errors made by the middleware and SSE headers alike)."""
 
 from __future__ import annotations
 
+import functools
+
 from aiohttp import web
 
 from services.gateway import keys
@@ -44,6 +46,17 @@ def admit(request: web.Request, identity: schema.Identity, model: str) -> None:
         raise errors.RateLimited(f"{verdict.refusal}; try again in {wait:.1f} s.", retry_after_s=wait)
 
 
+def spent(
+    request: web.Request, identity: schema.Identity, model: str, usage: schema.Usage | None, streamed: int
+) -> None:
+    """Count the tokens an answer used: its usage, or, for an answer cut short (the caller left, the
+    engine failed), the text pieces that reached the caller, about a token each."""
+    limiter = request.app.get(LIMITER)
+    if limiter is not None:
+        tokens = usage.prompt_tokens + usage.completion_tokens if usage is not None else streamed
+        limiter.spent(identity, model, tokens)
+
+
 def usage(request: web.Request, identity: schema.Identity) -> dict | None:
     """What the caller used in the current windows (/v1/whoami); None where nothing is limited."""
     limiter = request.app.get(LIMITER)
@@ -54,26 +67,40 @@ def usage(request: web.Request, identity: schema.Identity) -> dict | None:
 
 async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
     if (standing := request.get(STANDING)) is not None:
-        response.headers.update(rate_headers(standing))
+        response.headers.extend(rate_headers(standing))  # names not set before: no replace needed
 
 
-def rate_headers(s: Standing) -> dict[str, str]:
+def rate_headers(s: Standing) -> list[tuple[str, str]]:
     """OpenAI's headers for the tightest request limit and the tightest token limit that apply."""
-    headers = {}
+    headers = []
     if s.request_limit:
-        headers["x-ratelimit-limit-requests"] = f"{s.request_limit:g}"
-        headers["x-ratelimit-remaining-requests"] = str(s.requests_left)
-        headers["x-ratelimit-reset-requests"] = duration(s.requests_reset_s)
+        headers += (
+            ("x-ratelimit-limit-requests", _limit(s.request_limit)),
+            ("x-ratelimit-remaining-requests", str(s.requests_left)),
+            ("x-ratelimit-reset-requests", duration(s.requests_reset_s)),
+        )
     if s.token_limit:
-        headers["x-ratelimit-limit-tokens"] = str(s.token_limit)
-        headers["x-ratelimit-remaining-tokens"] = str(s.tokens_left)
-        headers["x-ratelimit-reset-tokens"] = duration(s.tokens_reset_s)
+        headers += (
+            ("x-ratelimit-limit-tokens", str(s.token_limit)),
+            ("x-ratelimit-remaining-tokens", str(s.tokens_left)),
+            ("x-ratelimit-reset-tokens", duration(s.tokens_reset_s)),
+        )
     return headers
+
+
+@functools.lru_cache(maxsize=64)
+def _limit(limit: float) -> str:
+    return f"{limit:g}"
 
 
 def duration(seconds: float) -> str:
     """A duration as OpenAI writes it (Go's notation, to the millisecond): 0s, 950ms, 1.5s, 6m0s."""
-    ms = max(0, round(seconds * 1000))
+    return _duration_ms(max(0, round(seconds * 1000)))
+
+
+# Resets are at most a window (62 s) ahead: every one of them fits, once written (~4 MB at most).
+@functools.lru_cache(maxsize=65_536)
+def _duration_ms(ms: int) -> str:
     if ms < 1000:
         return f"{ms}ms" if ms else "0s"
     hours, rest = divmod(ms, 3_600_000)

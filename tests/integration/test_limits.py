@@ -167,7 +167,7 @@ async def test_every_answer_carries_the_rate_limit_headers_streamed_or_not(stack
     assert headers["x-ratelimit-limit-requests"] == "10" and headers["x-ratelimit-remaining-requests"] == "9"
     assert headers["x-ratelimit-limit-tokens"] == "1000" and headers["x-ratelimit-remaining-tokens"] == "1000"
     spent = used_tokens(body)
-    await eventually(lambda: model_tokens_seen(gw, "alice"), what="alice's usage record")
+    await eventually(lambda: model_tokens_seen(gw, "alice"), what="alice's answer counted")
     status, headers, body = await gw.ask("alice", stream=True)
     assert status == 200 and headers["Content-Type"] == "text/event-stream"
     assert RATE_HEADERS <= names(headers) and body.endswith(b"data: [DONE]\n\n")
@@ -177,7 +177,7 @@ async def test_every_answer_carries_the_rate_limit_headers_streamed_or_not(stack
     assert status == 404 and headers["x-ratelimit-remaining-requests"] == "7"
 
 
-async def test_tokens_per_min_per_user_and_model_count_from_usage_records_on_every_gateway(stack, subjects):
+async def test_tokens_per_min_per_user_and_model_count_from_answers_on_every_gateway(stack, subjects):
     """Alice spends her tokens through gateway A; gateway B, which never saw her, refuses her."""
     config = limited_config(subjects, {"user": {"model_tokens_per_min": 30}})
     a, b = await stack(config, gateways=2)
@@ -197,10 +197,40 @@ async def test_a_models_tokens_per_min_counts_all_its_users_together(stack, subj
     (gw,) = await stack(limited_config(subjects, {}, model_tpm=30))
     status, _, body = await gw.ask("alice", prompt=LONG)
     assert status == 200 and used_tokens(body) >= 30
-    await eventually(lambda: model_tokens_seen(gw, "alice"), what="alice's usage record")
+    await eventually(lambda: model_tokens_seen(gw, "alice"), what="alice's answer counted")
     status, headers, body = await gw.ask("bob")  # bob has spent nothing himself
     assert status == 429 and "the model 'm' serves 30 tokens/min to all users together" in body.decode()
     assert headers["x-ratelimit-limit-tokens"] == "30"
+
+
+async def test_a_stream_counts_its_tokens_whether_or_not_it_shows_them(stack, subjects):
+    (gw,) = await stack(limited_config(subjects, {}))
+    status, _, body = await gw.ask("alice", stream=True, max_tokens=6)
+    assert status == 200 and b"[DONE]" in body and b'"usage"' not in body
+    await eventually(lambda: _is(model_tokens_seen(gw, "alice"), 1 + 6), what="the stream's tokens")
+
+
+async def test_a_stream_whose_caller_left_counts_the_text_that_reached_it(stack, subjects):
+    config = limited_config(subjects, {})
+    config.models[0].engine.itl_ms = 20  # 200 tokens take 4 s: the caller leaves long before
+    (gw,) = await stack(config)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "stream": True}
+    async with gw.http.post(
+        gw.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer bob"}
+    ) as r:
+        assert r.status == 200
+        while b"data: {" not in await r.content.readline():  # the first event with text, then hang up
+            pass
+    await eventually(lambda: _at_least(model_tokens_seen(gw, "bob"), 1), what="bob's cut stream counted")
+    assert await model_tokens_seen(gw, "bob") < 100
+
+
+async def _is(value, expected) -> bool:
+    return await value == expected
+
+
+async def _at_least(value, least) -> bool:
+    return await value >= least
 
 
 async def test_requests_admitted_by_one_gateway_count_at_the_others(stack, subjects):

@@ -191,7 +191,18 @@ def test_what_this_gateway_admits_is_kept_for_the_others_once():
     ledger.admit("alice", UNLIMITED, "m")
     ledger.admit("alice", UNLIMITED, "m")
     ledger.admit("alice", UNLIMITED)  # not a model of the config
-    assert ledger.take_unshared() == {("alice", "m"): 2, ("alice", ""): 1}
+    ledger.spent_here("alice", "m", 30)
+    ledger.spent_here("alice", "m", 12)
+    ledger.spent_here("bob", "m", 5)  # an answer whose request was counted before the last share
+    assert ledger.take_unshared() == {("alice", "m"): [2, 42], ("alice", ""): [1, 0], ("bob", "m"): [0, 5]}
+    assert ledger.take_unshared() == {}
+    assert ledger.usage("alice", ["m"])["tokens_per_min"] == 42  # counted here too
+
+
+def test_tokens_spent_elsewhere_count_here_and_are_not_sent_back_out():
+    ledger = Ledger(Clock())
+    ledger.spent("alice", "m", 300)  # as the Limiter counts another gateway's AdmittedRequests
+    assert ledger.admit("alice", only(model_tokens_per_min=300), "m").refusal
     assert ledger.take_unshared() == {}
 
 
@@ -285,7 +296,7 @@ def test_durations_are_written_as_openai_writes_them(seconds, text):
 
 def test_headers_name_only_the_kinds_of_limit_that_apply():
     s = Ledger(Clock()).admit("alice", only(model_tokens_per_min=500), "m").standing
-    assert rate_headers(s) == {
+    assert dict(rate_headers(s)) == {
         "x-ratelimit-limit-tokens": "500",
         "x-ratelimit-remaining-tokens": "500",
         "x-ratelimit-reset-tokens": "0s",
