@@ -27,6 +27,7 @@ from shared.supervise import Throttle
 PREFIX = keystore.PREFIX
 LOAD_WAIT_S = 2.0  # a request that comes before the first load waits this long, then gets 503
 CHECK_S = 1.0  # how often the watch is compared with the bucket (one small request)
+_VERIFIED_MAX = 10_000  # keys remembered as verified; all are forgotten when it is full
 _ENTRY_TIMEOUT_S = 10.0  # the first load gives up on a bucket that stops delivering
 _RETRY_MIN_S, _RETRY_MAX_S = 0.1, 5.0
 
@@ -69,22 +70,32 @@ class KeyAuthenticator:
         self._failures = 0
         self._task: asyncio.Task | None = None
         self._unreadable = Throttle()
+        # Keys whose secret matched, with the entry they matched: the same key again skips the
+        # parse and the hash (~2 µs) while its entry stays the same object (a change replaces it).
+        self._verified: dict[str, tuple[str, _Key]] = {}
 
     def claims(self, credential: str) -> bool:
         return credential.startswith(PREFIX)
 
     async def identify(self, credential: str) -> schema.Identity:
-        parsed = keystore.parse(credential)
-        if parsed is None:
-            raise errors.Unauthorized(MALFORMED)
-        key_id, secret = parsed
         keys = self._keys if self._keys is not None else await self._wait_loaded()
-        known = keys.get(key_id)
-        if known is None:
-            raise errors.Unauthorized(UNKNOWN)
-        # Its state is told only to whoever holds the secret.
-        if not hmac.compare_digest(keystore.digest(secret), known.digest):
-            raise errors.Unauthorized(WRONG_SECRET)
+        verified = self._verified.get(credential)
+        if verified is not None and keys.get(verified[0]) is verified[1]:
+            known, key_id = verified[1], verified[0]  # its entry has not changed since
+        else:
+            parsed = keystore.parse(credential)
+            if parsed is None:
+                raise errors.Unauthorized(MALFORMED)
+            key_id, secret = parsed
+            known = keys.get(key_id)
+            if known is None:
+                raise errors.Unauthorized(UNKNOWN)
+            # Its state is told only to whoever holds the secret.
+            if not hmac.compare_digest(keystore.digest(secret), known.digest):
+                raise errors.Unauthorized(WRONG_SECRET)
+            if len(self._verified) >= _VERIFIED_MAX:
+                self._verified.clear()
+            self._verified[credential] = (key_id, known)
         if known.revoked:
             raise errors.Unauthorized(
                 f"This API key ({key_id}) was revoked: ask the service's administrators for a new one."
