@@ -103,7 +103,6 @@ async def _gateway(nats_url: str, prefix: str, port: int, limits_on: bool) -> No
     app.cleanup_ctx[list(app.cleanup_ctx).index(auth_ctx)] = bench_auth_ctx
     if not limits_on:
         app.cleanup_ctx.remove(limits.limits_ctx)
-        app.on_response_prepare.remove(limits.add_headers)
     runner = await start_site(app, "127.0.0.1", port)
     try:
         print("ready", flush=True)

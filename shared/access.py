@@ -20,8 +20,11 @@ def may_use(identity: schema.Identity, model: cfg.ModelConfig, config: cfg.Confi
         return True  # an open deployment: nothing is checked
     if not _admits(identity, model.allowed_groups, model.allowed_idp_domains):
         return False
-    clusters = [c for name in config.clusters_for(model) if (c := config.cluster(name)) is not None]
-    return any(_admits(identity, c.allowed_groups, c.allowed_idp_domains) for c in clusters)
+    names = model.clusters  # empty: every cluster (Config.clusters_for); one pass, run per request
+    for c in config.clusters:
+        if (not names or c.name in names) and _admits(identity, c.allowed_groups, c.allowed_idp_domains):
+            return True
+    return False
 
 
 def check(identity: schema.Identity, model: cfg.ModelConfig, config: cfg.Config) -> None:

@@ -58,7 +58,6 @@ def create_app(
     app.cleanup_ctx.append(auth_ctx)
     if limits.enabled(config):
         app.cleanup_ctx.append(limits.limits_ctx)
-        app.on_response_prepare.append(limits.add_headers)
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_post("/v1/completions", handlers.completions)
     app.router.add_get("/v1/models", handlers.models)

@@ -57,7 +57,9 @@ async def _infer(
                 if response is None:
                     # Headers go out with the first tokens (or once the wait is long enough to need
                     # keep-alives), so queueing and engine errors that come earlier keep their status.
-                    response = EventStreamResponse(request_id, REQUEST_ID_HEADER)
+                    response = EventStreamResponse(
+                        request_id, REQUEST_ID_HEADER, request.get(keys.ANSWER_HEADERS, ())
+                    )
                     await response.prepare(request)
                 if chunk is None:  # the answer is still coming (queued, a cold start, the engine's queue)
                     await response.write(KEEPALIVE)

@@ -22,3 +22,5 @@ LOCAL_ROUTER = web.AppKey("local_router", LocalRouter)  # only where a router ru
 REQUEST_ID = web.RequestKey("request_id", str)
 MODEL = web.RequestKey("model", str)
 IDENTITY = web.RequestKey("identity", schema.Identity)  # set by the auth middleware
+# Headers every answer to the request carries, error or not (the limits' x-ratelimit-*).
+ANSWER_HEADERS = web.RequestKey("answer_headers", list)

@@ -1,7 +1,8 @@
 """The limits at the gateway's edge: the limiter as a resource of the app (``limits_ctx``), the
-check before a request is submitted (``admit``), and OpenAI's x-ratelimit-* headers on every
-answer that follows it (``add_headers``, an ``on_response_prepare`` signal: it reaches 429s,
-errors made by the middleware and SSE headers alike)."""
+check before a request is submitted (``admit``), which also leaves OpenAI's x-ratelimit-* headers
+in ``keys.ANSWER_HEADERS`` for every answer that follows (the request middleware adds them to
+whole answers and errors, the handler to an event stream), and the count of an answer's tokens
+(``spent``)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from shared.limits_ledger import Standing
 from shared.subjects import Subjects
 
 LIMITER = web.AppKey("limiter", Limiter)  # only where limits apply (enabled)
-STANDING = web.RequestKey("rate_standing", Standing)  # set by admit, read by add_headers
 
 
 def enabled(config: cfg.Config) -> bool:
@@ -40,7 +40,7 @@ def admit(request: web.Request, identity: schema.Identity, model: str) -> None:
     limiter = request.app.get(LIMITER)
     if limiter is None or (verdict := limiter.admit(identity, model)) is None:
         return
-    request[STANDING] = verdict.standing
+    request[keys.ANSWER_HEADERS] = rate_headers(verdict.standing)
     if verdict.refusal:
         wait = verdict.retry_after_s
         raise errors.RateLimited(f"{verdict.refusal}; try again in {wait:.1f} s.", retry_after_s=wait)
@@ -63,11 +63,6 @@ def usage(request: web.Request, identity: schema.Identity) -> dict | None:
     if limiter is None or identity.kind == "anonymous":
         return None
     return limiter.usage(identity)
-
-
-async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
-    if (standing := request.get(STANDING)) is not None:
-        response.headers.extend(rate_headers(standing))  # names not set before: no replace needed
 
 
 def rate_headers(s: Standing) -> list[tuple[str, str]]:

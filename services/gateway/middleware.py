@@ -76,8 +76,10 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     except Exception:
         log.exception("unhandled_error", path=clip(request.path))
         response = error_response(errors.FirstError("Internal error; it has been logged."))
-    if not response.prepared:
+    if not response.prepared:  # an event stream got these from its handler
         response.headers[REQUEST_ID_HEADER] = request_id
+        if extra := request.get(keys.ANSWER_HEADERS):
+            response.headers.extend(extra)  # names set nowhere else: no merge needed
     # Everything the client chose is clipped: a line per request must stay a line. Written once
     # the response is on its way (call_soon keeps this context, and so the request id).
     asyncio.get_running_loop().call_soon(

@@ -19,7 +19,7 @@ class EventStreamResponse(web.StreamResponse):
 
     _send_headers_immediately = False  # aiohttp >= 3.12; web.Response does the same
 
-    def __init__(self, request_id: str, request_id_header: str):
+    def __init__(self, request_id: str, request_id_header: str, extra: list[tuple[str, str]] = ()):
         super().__init__(
             headers={
                 "Content-Type": "text/event-stream",
@@ -27,6 +27,8 @@ class EventStreamResponse(web.StreamResponse):
                 request_id_header: request_id,
             }
         )
+        if extra:
+            self.headers.extend(extra)
 
 
 def event(obj: dict) -> bytes:
