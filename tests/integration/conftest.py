@@ -7,7 +7,9 @@ import contextlib
 import msgspec
 import nats
 import pytest
+from aiohttp import web
 
+from services.gateway.app import start_site
 from services.router.service import Router
 from services.worker.engines import make_engine
 from services.worker.service import Worker
@@ -59,6 +61,12 @@ class Services:
         client = FirstClient(await self.connect(), self.subjects, **kw)
         await self.stack.enter_async_context(client)
         return client
+
+    async def gateway(self, app: web.Application) -> str:
+        """``app`` (from ``create_app``) served on a free loopback port; its base URL."""
+        runner = await start_site(app, "127.0.0.1", 0)
+        self.stack.push_async_callback(runner.cleanup)
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from services.gateway import keys
-from services.gateway.app import create_app, start_site
+from services.gateway.app import create_app
 from services.gateway.auth.globus import GlobusAuthenticator
 from services.worker.engines.openai_server import free_port
 from shared import config as cfg
@@ -49,12 +49,11 @@ async def globus():
 
 
 @pytest.fixture
-async def gateway(nats_url, subjects, globus, tmp_path):
+async def gateway(services, subjects, globus, tmp_path):
     """``await gateway(models, **auth_globus_fields)``: a gateway that takes Globus tokens only,
     its globus-sdk pointed at the double."""
     secret = tmp_path / "globus-client-secret"
     secret.write_text(globus.client_secret + "\n")
-    runners = []
 
     async def start(models: list[dict] = (), **fields) -> Gateway:
         settings = {
@@ -69,14 +68,10 @@ async def gateway(nats_url, subjects, globus, tmp_path):
             nats={"subject_prefix": subjects.prefix},
             auth={"methods": ["globus"], "globus": settings},
         )
-        app = create_app(config, nats_url)
-        runner = await start_site(app, "127.0.0.1", 0)
-        runners.append(runner)
-        return Gateway(app, config, f"http://127.0.0.1:{runner.addresses[0][1]}")
+        app = create_app(config, services.nats_url)
+        return Gateway(app, config, await services.gateway(app))
 
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+    return start
 
 
 @pytest.fixture

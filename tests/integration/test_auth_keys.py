@@ -16,7 +16,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from services.gateway import keys as app_keys
-from services.gateway.app import create_app, start_site
+from services.gateway.app import create_app
 from services.gateway.auth import keys as key_auth
 from shared import config as cfg
 from shared import keystore
@@ -49,20 +49,15 @@ def keys_config(prefix: str) -> cfg.Config:
 
 
 @pytest.fixture
-async def gateway(nats_url, subjects):
+async def gateway(services, subjects):
     """``await gateway()``: one more gateway on the test's prefix (and so the test's key bucket)."""
-    runners = []
 
-    async def start(url: str = nats_url) -> Gateway:
+    async def start(url: str = services.nats_url) -> Gateway:
         config = keys_config(subjects.prefix)
         app = create_app(config, url)
-        runner = await start_site(app, "127.0.0.1", 0)
-        runners.append(runner)
-        return Gateway(app, config, f"http://127.0.0.1:{runner.addresses[0][1]}")
+        return Gateway(app, config, await services.gateway(app))
 
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+    return start
 
 
 @pytest.fixture

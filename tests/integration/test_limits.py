@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from services.gateway import keys
-from services.gateway.app import create_app, start_site
+from services.gateway.app import create_app
 from services.gateway.auth import auth_ctx
 from services.gateway.limits import LIMITER
 from shared import errors, schema
@@ -100,7 +100,6 @@ class Gateway:
 @pytest.fixture
 async def stack(services):
     """``await stack(config, gateways=1)``: a router, a sim worker for model m, and gateways."""
-    runners = []
     async with aiohttp.ClientSession() as http:
 
         async def start(config, gateways: int = 1, *, table_auth: bool = True) -> list[Gateway]:
@@ -111,14 +110,10 @@ async def stack(services):
                 app = create_app(config, services.nats_url)
                 if table_auth:  # in place of the configured authenticators
                     app.cleanup_ctx[list(app.cleanup_ctx).index(auth_ctx)] = _table_auth_ctx
-                runner = await start_site(app, "127.0.0.1", 0)
-                runners.append(runner)
-                out.append(Gateway(app, f"http://127.0.0.1:{runner.addresses[0][1]}", http))
+                out.append(Gateway(app, await services.gateway(app), http))
             return out
 
         yield start
-        for runner in runners:
-            await runner.cleanup()
 
 
 def names(headers) -> set[str]:
