@@ -27,6 +27,25 @@ def may_use(identity: schema.Identity, model: cfg.ModelConfig, config: cfg.Confi
     return False
 
 
+def cluster_admits(identity: schema.Identity, cluster: cfg.ClusterConfig, config: cfg.Config) -> bool:
+    if identity.kind == "anonymous" and "none" in config.auth.methods:
+        return True
+    return _admits(identity, cluster.allowed_groups, cluster.allowed_idp_domains)
+
+
+def may_use_on(
+    identity: schema.Identity, model: cfg.ModelConfig, cluster: cfg.ClusterConfig, config: cfg.Config
+) -> bool:
+    """The model, on this cluster (one of its clusters), admits the identity."""
+    if cluster.name not in config.clusters_for(model):
+        return False
+    if identity.kind == "anonymous" and "none" in config.auth.methods:
+        return True
+    return _admits(identity, model.allowed_groups, model.allowed_idp_domains) and cluster_admits(
+        identity, cluster, config
+    )
+
+
 def check(identity: schema.Identity, model: cfg.ModelConfig, config: cfg.Config) -> None:
     if not may_use(identity, model, config):
         raise errors.Forbidden(

@@ -164,6 +164,15 @@ class ModelConfig(_Cfg):
     allowed_idp_domains: list[str] = msgspec.field(default_factory=list)  # empty: any
     tokens_per_min: NonNegInt = 100_000  # for all users together; 0: no limit (FIRST's tpm_model)
 
+    @property
+    def framework(self) -> str:
+        """What serves it, as FIRST's paths and /jobs name it (``/resource_server/<cluster>/vllm/v1``)."""
+        return _FRAMEWORKS[type(self.engine).__struct_config__.tag]
+
+
+# FIRST calls an OpenAI-compatible service it fronts "api" (its Metis cluster).
+_FRAMEWORKS = {"vllm": "vllm", "llamacpp": "llamacpp", "sim": "sim", "openai": "api"}
+
 
 class Config(_Cfg):
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)

@@ -47,6 +47,14 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class ClusterNotFound(NotFound):
+    code = "cluster_not_found"  # FIRST's code
+
+
+class EndpointNotFound(NotFound):
+    code = "endpoint_not_found"  # FIRST's code: no such model on that cluster
+
+
 class Unauthorized(FirstError):
     """No credential, or one that is malformed, unknown, inactive, expired or revoked."""
 

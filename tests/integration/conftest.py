@@ -9,11 +9,14 @@ import nats
 import pytest
 from aiohttp import web
 
+from services.gateway import keys
 from services.gateway.app import start_site
+from services.gateway.auth import auth_ctx
 from services.router.service import Router
 from services.worker.engines import make_engine
 from services.worker.service import Worker
 from shared import config as cfg
+from shared import errors, schema
 from shared.client import FirstClient
 
 
@@ -31,6 +34,40 @@ def make_config(models: list[dict], **sections) -> cfg.Config:
     config = msgspec.convert(raw, cfg.Config)
     cfg.validate(config)
     return config
+
+
+class TableAuth:
+    """Test only, in place of the configured authenticators: ``Bearer <name>`` is the identity of
+    that name in the table (the real middleware, access checks and limits run as usual)."""
+
+    name = "test"
+
+    def __init__(self, identities: dict[str, schema.Identity]):
+        self.identities = identities
+
+    def claims(self, credential: str) -> bool:
+        return True
+
+    async def identify(self, credential: str) -> schema.Identity:
+        if credential not in self.identities:
+            raise errors.Unauthorized("not in the test's table")
+        return self.identities[credential]
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
+def table_auth(app: web.Application, identities: dict[str, schema.Identity]) -> None:
+    """Make ``app`` (from ``create_app``) take the table's identities instead of its config's methods."""
+
+    async def table_auth_ctx(app):
+        app[keys.AUTHENTICATORS] = [TableAuth(identities)]
+        yield
+
+    app.cleanup_ctx[list(app.cleanup_ctx).index(auth_ctx)] = table_auth_ctx
 
 
 class Services:

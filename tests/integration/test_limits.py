@@ -11,12 +11,10 @@ import aiohttp
 import orjson
 import pytest
 
-from services.gateway import keys
 from services.gateway.app import create_app
-from services.gateway.auth import auth_ctx
 from services.gateway.limits import LIMITER
-from shared import errors, schema
-from tests.integration.conftest import make_config
+from shared import schema
+from tests.integration.conftest import make_config, table_auth
 from tests.support import eventually
 
 IDENTITIES = {
@@ -34,31 +32,6 @@ RATE_HEADERS = {
 }
 LONG = " ".join(["word"] * 32)  # the sim counts a token per word: over 30 in one request
 NO_LIMITS = {"requests_per_s": 0, "model_requests_per_s": 0, "tokens_per_min": 0, "model_tokens_per_min": 0}
-
-
-class TableAuth:
-    """Test only: ``Bearer <name>`` is the identity of that name in IDENTITIES."""
-
-    name = "test"
-
-    def claims(self, credential: str) -> bool:
-        return True
-
-    async def identify(self, credential: str) -> schema.Identity:
-        if credential not in IDENTITIES:
-            raise errors.Unauthorized("not in the test's table")
-        return IDENTITIES[credential]
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-
-async def _table_auth_ctx(app):
-    app[keys.AUTHENTICATORS] = [TableAuth()]
-    yield
 
 
 def limited_config(subjects, limits: dict, *, model_tpm: int = 0):
@@ -102,14 +75,14 @@ async def stack(services):
     """``await stack(config, gateways=1)``: a router, a sim worker for model m, and gateways."""
     async with aiohttp.ClientSession() as http:
 
-        async def start(config, gateways: int = 1, *, table_auth: bool = True) -> list[Gateway]:
+        async def start(config, gateways: int = 1, *, tabled: bool = True) -> list[Gateway]:
             await services.router(config)
             await services.worker(config, "m")
             out = []
             for _ in range(gateways):
                 app = create_app(config, services.nats_url)
-                if table_auth:  # in place of the configured authenticators
-                    app.cleanup_ctx[list(app.cleanup_ctx).index(auth_ctx)] = _table_auth_ctx
+                if tabled:  # in place of the configured authenticators
+                    table_auth(app, IDENTITIES)
                 out.append(Gateway(app, await services.gateway(app), http))
             return out
 
@@ -260,7 +233,7 @@ async def test_the_anonymous_caller_of_an_open_deployment_is_never_limited(stack
         nats={"subject_prefix": subjects.prefix},
         limits={"user": {"requests_per_s": 1, "model_tokens_per_min": 1}},
     )
-    (gw,) = await stack(config, table_auth=False)
+    (gw,) = await stack(config, tabled=False)
     assert LIMITER not in gw.app  # nothing is counted at all
     answers = await asyncio.gather(*(gw.ask(None) for _ in range(12)))
     assert all(status == 200 for status, _, _ in answers)

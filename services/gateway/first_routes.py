@@ -1,0 +1,124 @@
+"""FIRST's read-only routes under ``/resource_server``, in FIRST's JSON shapes, so that its users'
+scripts (``/list-endpoints``, ``/<cluster>/jobs``, ``/<cluster>/models``) keep working.
+
+FIRST builds ``/jobs`` from ``qstat`` on the cluster; here it comes from what the routers know
+(heartbeats and node events, ``StatusReply``): a worker that is ready is a running job, one still
+loading a starting one; a model whose requests wait with no worker of it on the cluster is queued,
+and a model with nothing at all is stopped. Only what the caller may use is shown.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from services.gateway import keys
+from services.gateway.middleware import json_response
+from shared import access, errors, schema
+from shared.config import ClusterConfig, Config, ModelConfig
+from shared.limits import limits_for
+
+# What each framework of a cluster serves, as FIRST lists it (``cluster.openai_endpoints``).
+OPENAI_ENDPOINTS = ["/v1/chat/completions", "/v1/completions"]
+
+
+async def health(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def status(request: web.Request) -> web.Response:
+    """Every cluster open to anyone: ``{name: not under maintenance}`` (maintenance comes later:
+    all true)."""
+    config = request.app[keys.CONFIG]
+    return json_response(
+        {c.name: True for c in config.clusters if not c.allowed_groups and not c.allowed_idp_domains}
+    )
+
+
+async def list_endpoints(request: web.Request) -> web.Response:
+    config, identity = request.app[keys.CONFIG], request[keys.IDENTITY]
+    clusters = {}
+    for cluster in config.clusters:
+        if not access.cluster_admits(identity, cluster, config):
+            continue
+        frameworks: dict[str, dict] = {}
+        for model in _models_on(cluster, identity, config):
+            entry = frameworks.setdefault(model.framework, {"models": [], "endpoints": OPENAI_ENDPOINTS})
+            entry["models"].append(model.id)
+        for entry in frameworks.values():
+            entry["models"].sort()
+        clusters[cluster.name] = {"base_url": f"/resource_server/{cluster.name}", "frameworks": frameworks}
+    return json_response({"clusters": clusters})
+
+
+async def models(request: web.Request) -> web.Response:
+    config, identity = request.app[keys.CONFIG], request[keys.IDENTITY]
+    cluster = _cluster(request)
+    per_user = limits_for(identity, config).model_tokens_per_min if identity.kind != "anonymous" else 0
+    found = []
+    for model in sorted(_models_on(cluster, identity, config), key=lambda m: m.id.lower()):
+        details = {"id": model.id, "object": "model", "cluster": cluster.name, "framework": model.framework}
+        if model.tokens_per_min:
+            details["rate_limit_token_per_minute"] = model.tokens_per_min
+        if per_user:
+            details["rate_limit_token_per_minute_per_user"] = per_user
+        found.append(details)
+    if (wanted := request.query.get("model_id")) is not None:
+        found = [d for d in found if d["id"] == wanted]
+        if not found:
+            raise errors.EndpointNotFound(f"{wanted} model not found on cluster {cluster.name}.")
+    return json_response(found)
+
+
+async def jobs(request: web.Request) -> web.Response:
+    config, identity = request.app[keys.CONFIG], request[keys.IDENTITY]
+    cluster = _cluster(request)
+    try:
+        live = {m.id: m for m in (await request.app[keys.CLIENT].status()).models}
+    except errors.FirstError:
+        live = {}  # no router answers: nothing is known to run
+    out: dict[str, list] = {k: [] for k in ("running", "queued", "stopped", "others")}
+    out |= {"private_batch_running": [], "private_batch_queued": []}
+    for model in _models_on(cluster, identity, config):
+        here = [w for w in (live[model.id].workers if model.id in live else []) if w.cluster == cluster.name]
+        for w in here:
+            state = "running" if w.state == "ready" else "starting"
+            out["running"].append(_job(model, cluster, state, job_id=w.worker_id, job_state="R"))
+        status = live.get(model.id)
+        if not here and status is not None and status.state in ("queued", "starting"):
+            out["queued"].append(_job(model, cluster, "queued", job_state="Q"))
+        elif not here:
+            out["stopped"].append(_job(model, cluster, "stopped"))
+    # A worker is a node; those of models the caller may not see are taken all the same.
+    nodes_in_use = sum(1 for s in live.values() for w in s.workers if w.cluster == cluster.name)
+    out["cluster_status"] = {"free_nodes": max(0, cluster.max_nodes - nodes_in_use)}
+    return json_response(out)
+
+
+def _job(model: ModelConfig, cluster: ClusterConfig, state: str, **ids: str) -> dict:
+    job = {"Models": model.id, "Framework": model.framework, "Cluster": cluster.name, "Model Status": state}
+    if "job_id" in ids:
+        job["Job ID"] = ids["job_id"]
+    if "job_state" in ids:
+        job["Job State"] = ids["job_state"]
+    return job
+
+
+def _cluster(request: web.Request) -> ClusterConfig:
+    config, name = request.app[keys.CONFIG], request.match_info["cluster"]
+    cluster = config.cluster(name)
+    if cluster is None or not access.cluster_admits(request[keys.IDENTITY], cluster, config):
+        raise errors.ClusterNotFound(f"The requested cluster '{name}' does not exist.")
+    return cluster
+
+
+def _models_on(cluster: ClusterConfig, identity: schema.Identity, config: Config) -> list[ModelConfig]:
+    return [m for m in config.models if access.may_use_on(identity, m, cluster, config)]
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/resource_server/health", health)
+    r.add_get("/resource_server/status", status)
+    r.add_get("/resource_server/list-endpoints", list_endpoints)
+    r.add_get("/resource_server/{cluster}/models", models)
+    r.add_get("/resource_server/{cluster}/jobs", jobs)
