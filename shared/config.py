@@ -163,6 +163,9 @@ class ModelConfig(_Cfg):
     allowed_groups: list[str] = msgspec.field(default_factory=list)  # empty: anyone
     allowed_idp_domains: list[str] = msgspec.field(default_factory=list)  # empty: any
     tokens_per_min: NonNegInt = 100_000  # for all users together; 0: no limit (FIRST's tpm_model)
+    # Other names callers may use for it (a model's older name): requests under them are served as
+    # this id, and /v1/models lists only the id.
+    aliases: list[str] = msgspec.field(default_factory=list)
 
     @property
     def framework(self) -> str:
@@ -186,8 +189,13 @@ class Config(_Cfg):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
 
-    def model(self, model_id: str) -> ModelConfig | None:
-        return next((m for m in self.models if m.id == model_id), None)
+    def model(self, name: str) -> ModelConfig | None:
+        """The model of this id, or of this alias."""
+        return next((m for m in self.models if m.id == name or name in m.aliases), None)
+
+    def model_names(self) -> dict[str, ModelConfig]:
+        """Every id and alias, with its model: for lookups on the request path."""
+        return {name: m for m in self.models for name in (m.id, *m.aliases)}
 
     def cluster(self, name: str) -> ClusterConfig | None:
         return next((c for c in self.clusters if c.name == name), None)
@@ -262,9 +270,9 @@ def validate(config: Config) -> None:
         raise ValueError('$.auth.methods: "none" (an open deployment) cannot be combined with others')
     if not config.auth.methods:
         raise ValueError('$.auth.methods: name at least one of "none", "keys", "globus"')
-    ids = [m.id for m in config.models]
+    ids = [name for m in config.models for name in (m.id, *m.aliases)]
     if len(set(ids)) != len(ids):
-        raise ValueError("$.models: model ids must be unique")
+        raise ValueError("$.models: model ids and aliases must be unique, across all models")
     for i, m in enumerate(config.models):
         for cluster in m.clusters:
             if cluster not in names:

@@ -49,7 +49,7 @@ def create_app(
         middlewares=[request_middleware, auth_middleware], client_max_size=config.gateway.max_body_bytes
     )
     app[keys.CONFIG] = config
-    app[keys.MODELS] = {m.id: m for m in config.models}
+    app[keys.MODELS] = config.model_names()  # ids and aliases
     app[keys.NATS_URL] = nats_url
     app[keys.NATS_CREDENTIALS] = credentials
     if local_router is not None:

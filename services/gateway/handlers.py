@@ -29,18 +29,20 @@ async def _infer(
     await read_json_body(request)  # 415 unless JSON; 408 if the body trickles; then kept for read()
     raw = await request.read()
     req = parse_request(raw, kind)
-    request[keys.MODEL] = req.model  # unknown models: the router answers 404, as it does NATS callers
     identity = request[keys.IDENTITY]
+    name = req.model  # unknown models: the router answers 404, as it does NATS callers
     if (model := request.app[keys.MODELS].get(req.model)) is not None:
         access.check(identity, model, request.app[keys.CONFIG])
-    limits.admit(request, identity, req.model)  # 429 when over; the answer gets x-ratelimit-* headers
+        name = model.id  # an alias is served, counted and answered as the model's id
+    request[keys.MODEL] = name
+    limits.admit(request, identity, name)  # 429 when over; the answer gets x-ratelimit-* headers
     who = None if identity.kind == "anonymous" else identity
     client = request.app[keys.CLIENT]
     request_id = request[keys.REQUEST_ID]
-    shape = ResponseShape(endpoint, request_id, req.model, include_usage=req.include_usage)
+    shape = ResponseShape(endpoint, request_id, name, include_usage=req.include_usage)
     if not req.stream:
-        result = await client.complete(req.model, endpoint, raw, request_id=request_id, identity=who)
-        limits.spent(request, identity, req.model, result.usage, 0)
+        result = await client.complete(name, endpoint, raw, request_id=request_id, identity=who)
+        limits.spent(request, identity, name, result.usage, 0)
         return json_response(shape.completion(result), headers={REQUEST_ID_HEADER: request_id})
 
     response: web.StreamResponse | None = None
@@ -48,7 +50,7 @@ async def _infer(
     keepalive_s = request.app[keys.CONFIG].gateway.sse_keepalive_s
     usage, streamed = None, 0
     async with client.open(
-        req.model, endpoint, raw, request_id=request_id, keepalive_s=keepalive_s, identity=who
+        name, endpoint, raw, request_id=request_id, keepalive_s=keepalive_s, identity=who
     ) as answer:
         try:
             async for chunk in answer:
@@ -76,7 +78,7 @@ async def _infer(
             structlog.get_logger().info("client_disconnected")
             return response
         finally:
-            limits.spent(request, identity, req.model, usage, streamed)
+            limits.spent(request, identity, name, usage, streamed)
     if response is None:
         raise errors.EngineError("the answer ended before it began")
     await response.write_eof()  # a no-op when the last chunk already ended the body

@@ -50,7 +50,7 @@ class Router(Lifecycle):
         self.registry = Registry(self.settings.missed_heartbeats)
         self.view = ClusterView(config, self.registry, start_timeout_s=config.scaler.start_timeout_s)
         self.queues = {m.id: ModelQueue() for m in config.models}
-        self._models = {m.id: m for m in config.models}
+        self._models = config.model_names()  # ids and aliases
         self.dispatches = Dispatches(self.settings.dispatch_timeout_s)
         self._cancelled = Cancels()
         self._published: dict[str, int] = {}  # the queue length each model's last Demand said
@@ -158,6 +158,9 @@ class Router(Lifecycle):
             )
             await self._send(request.reply_to, err.to_wire(rid, request.attempt))
             return
+        if model.id != request.model:  # an alias: queues, workers and usage know the id
+            request = msgspec.structs.replace(request, model=model.id)
+            data = schema.encode(request)
         queue = self.queues[model.id]
         entry = None if queue else self.registry.pick(model.id)
         # The bound is on requests that wait: one a worker can take now is never refused for it.

@@ -9,6 +9,7 @@ import contextlib
 
 import aiohttp
 import openai
+import orjson
 import pytest
 
 from services.gateway.app import create_app
@@ -25,7 +26,7 @@ PEOPLE = {
 def federation(subjects):
     return make_config(
         [
-            {"id": "Open-Model", "tokens_per_min": 5000},  # on both clusters
+            {"id": "Open-Model", "tokens_per_min": 5000, "aliases": ["legacy/open"]},  # on both clusters
             {"id": "cold", "clusters": ["b"], "engine": {"kind": "sim", "load_s": 60}},  # loads for long
             {"id": "staff-only", "clusters": ["a"], "allowed_groups": ["staff"]},
         ],
@@ -205,3 +206,24 @@ async def test_the_openai_sdk_with_firsts_federated_base_url(gateway):
         assert done.usage.completion_tokens == 2
     finally:
         await client.close()
+
+
+async def test_an_alias_is_served_as_its_model_over_http_and_nats(gateway, services):
+    """FIRST keeps legacy names working: the answer, the limits and the workers know the id."""
+    client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="ann", max_retries=0)
+    try:
+        reply = await client.chat.completions.create(
+            model="legacy/open", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        assert reply.model == "Open-Model" and reply.usage.completion_tokens == 2
+        assert [m.id for m in (await client.models.list()).data] == ["Open-Model", "cold"]
+    finally:
+        await client.close()
+    usage = await (await services.connect()).subscribe(services.subjects.usage)
+    native = await services.client()
+    result = await native.complete(
+        "legacy/open", "chat", orjson.dumps({"messages": [{"role": "user", "content": "x"}]})
+    )
+    assert result.worker_id == "a-w1"
+    record = schema.usage_decoder.decode((await usage.next_msg(timeout=5)).data)  # the only run since
+    assert record.model == "Open-Model"  # routers serve an alias as its id: usage and queues know it

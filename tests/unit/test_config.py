@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from shared import config as cfg
@@ -140,3 +141,21 @@ def test_invalid_toml_says_so(tmp_path):
 def test_missing_file_says_it_cannot_be_read(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_aliases_name_their_model_and_clash_with_no_other_name():
+    base = {"clusters": [{"name": "c"}]}
+    sim = {"kind": "sim"}
+    config = msgspec.convert(
+        {**base, "models": [{"id": "m", "engine": sim, "aliases": ["old-m"]}, {"id": "n", "engine": sim}]},
+        cfg.Config,
+    )
+    cfg.validate(config)
+    assert config.model("old-m").id == "m" and config.model("n").id == "n" and config.model("x") is None
+    assert set(config.model_names()) == {"m", "old-m", "n"}
+    clash = msgspec.convert(
+        {**base, "models": [{"id": "m", "engine": sim}, {"id": "n", "engine": sim, "aliases": ["m"]}]},
+        cfg.Config,
+    )
+    with pytest.raises(ValueError, match="ids and aliases must be unique"):
+        cfg.validate(clash)
