@@ -74,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=4222, help="its client port (default: 4222)")
     p.add_argument("--store-dir", default="", help="its JetStream store (default: OUT/jetstream)")
+    p.add_argument("--leaf-port", type=int, default=0,
+                   help="make it a hub that accepts leaf nodes on this port (7422), and write"
+                        " OUT/leaf-<cluster>.conf for each cluster (docs/federation.md)")  # fmt: skip
+    p.add_argument("--hub-url", action="append", default=[],
+                   help="a hub leaf node URL for the leaf configs, nats-leaf://host:7422; once per hub"
+                        " server (default: nats-leaf://HOST:LEAF_PORT)")  # fmt: skip
+    p.add_argument("--leaf-host", default="0.0.0.0",
+                   help="where each leaf node listens for its workers (default: 0.0.0.0)")  # fmt: skip
+    p.add_argument("--leaf-client-port", type=int, default=4222,
+                   help="the leaf nodes' client port, for workers (default: 4222)")  # fmt: skip
 
     p = add("usage", "requests and tokens per user, model or cluster, from the usage records")
     p.add_argument("--since", default="7d", help="how far back, e.g. 7d, 12h (default: 7d)")

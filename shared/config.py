@@ -204,7 +204,8 @@ class Config(_Cfg):
         return model.clusters or [c.name for c in self.clusters]
 
 
-# NATS users of the stack itself (shared/natsauth.py); worker slots are <cluster>-n<i>.
+# NATS users of the stack itself (shared/natsauth.py); worker slots are <cluster>-n<i>, a site's
+# leaf node connection leaf-<site>.
 _SERVICE_USERS = frozenset({"gateway", "router", "scaler", "core", "ops", "admin"})
 
 
@@ -262,7 +263,7 @@ def validate(config: Config) -> None:
         raise ValueError("$.nats.clients: client names must be unique")
     slots = re.compile(rf"({'|'.join(map(re.escape, names)) or '(?!)'})-n[0-9]+")
     for i, name in enumerate(clients):
-        if name in _SERVICE_USERS or slots.fullmatch(name):
+        if name in _SERVICE_USERS or slots.fullmatch(name) or name.startswith("leaf-"):
             raise ValueError(
                 f"$.nats.clients[{i}].name: {name!r} is the name of one of the stack's own NATS users"
             )

@@ -98,7 +98,9 @@ async def close(nc: NATS) -> None:
         await nc.drain()
     except (nats.errors.Error, TimeoutError, OSError) as exc:
         structlog.get_logger().info("nats_closed_without_drain", reason=repr(exc))
-        await nc.close()
+        # A server killed under the connection can leave close() to find the socket gone too.
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await nc.close()
 
 
 async def unsubscribe(subs: list) -> None:

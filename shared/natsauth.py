@@ -231,3 +231,65 @@ def server_config(credentials: Credentials, *, host: str, port: int, store_dir: 
         {"host": host, "port": port, "jetstream": {"store_dir": store_dir}, **credentials.authorization()},
         option=orjson.OPT_INDENT_2,
     )
+
+
+# --- Federation: a hub (cluster) and one leaf node per HPC site (docs/federation.md) -----------
+
+
+def leaf_user(site: str) -> str:
+    """The user a site's leaf node connects to the hub as: ``leaf-<site>``."""
+    return f"leaf-{check_token(site, 'site')}"
+
+
+def site_worker_roles(config: cfg.Config, clusters: list[str]) -> list[Role]:
+    """The worker slots of these clusters: the users a site's leaf node admits."""
+    known = {c.name: c for c in config.clusters}
+    missing = [c for c in clusters if c not in known]
+    if missing:
+        raise ValueError(f"no [[clusters]] entry named {', '.join(missing)}")
+    return [worker_role(config, c, i) for c in clusters for i in range(known[c].max_nodes)]
+
+
+def leaf_role(config: cfg.Config, site: str, clusters: list[str]) -> Role:
+    """The hub's user for a site's leaf connection. nats-server applies it to the link: what it may
+    publish flows from the leaf into the hub, what it may subscribe to flows from the hub to the
+    leaf. It is exactly what the site's worker slots need: their dispatches and cancels in; their
+    answers, beats, runs and usage out, and their accept/refuse answers to the routers."""
+    s = Subjects(config.nats.subject_prefix)
+    workers = combined(leaf_user(site), *site_worker_roles(config, clusters))
+    # nats-server does not extend allow_responses to a leaf connection: a worker's accept/refuse
+    # would be dropped at the hub. The link may answer any router's dispatch (<p>.v1.router.*.ack.*).
+    return Role(workers.name, "leaf", [*workers.publish, s.router_ack_any], workers.subscribe)
+
+
+def leafnode_listener(*, host: str, port: int) -> dict:
+    """The hub's ``leafnodes`` block: leaf connections authenticate as the hub's own users (the
+    ``leaf-<site>`` nkeys), so it needs no authorization of its own."""
+    return {"leafnodes": {"host": host, "port": port}}
+
+
+def hub_server_config(
+    credentials: Credentials, *, host: str, port: int, store_dir: str, leaf_host: str, leaf_port: int,
+    domain: str = "hub",
+) -> bytes:  # fmt: skip
+    """``server_config`` plus a leaf node listener and a JetStream domain: one hub server. A
+    3-server hub adds ``server_name`` and a ``cluster`` block (compose/leafnodes/)."""
+    conf = orjson.loads(server_config(credentials, host=host, port=port, store_dir=store_dir))
+    conf["jetstream"]["domain"] = domain
+    conf.update(leafnode_listener(host=leaf_host, port=leaf_port))
+    return orjson.dumps(conf, option=orjson.OPT_INDENT_2)
+
+
+def leaf_server_config(
+    workers: Credentials, leaf_seed: bytes, *, host: str, port: int, hub_urls: list[str]
+) -> bytes:
+    """A site's leaf node: its worker slots as local users, and one outbound connection to the hub
+    (``nats-leaf://hub:7422``, several URLs for a hub cluster) as ``leaf-<site>``, whose seed it
+    holds inline (the file is the site's secret: mode 0600). No JetStream: workers use none."""
+    if not hub_urls:
+        raise ValueError("a leaf node needs the hub's leaf node URLs (nats-leaf://host:7422)")
+    remote = {"urls": hub_urls, "nkey": leaf_seed.strip().decode()}
+    return orjson.dumps(
+        {"host": host, "port": port, **workers.authorization(), "leafnodes": {"remotes": [remote]}},
+        option=orjson.OPT_INDENT_2,
+    )

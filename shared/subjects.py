@@ -125,6 +125,11 @@ class Subjects:
     def router_ack_all(self, router_id: str) -> str:
         return f"{self.root}.router.{check_token(router_id, 'router id')}.ack.*"
 
+    # Any router's dispatch replies: what a site's leaf node link may carry to the hub.
+    @property
+    def router_ack_any(self) -> str:
+        return f"{self.root}.router.*.ack.*"
+
     # Router -> callers whose requests it holds: it is alive.
     def router_heartbeat(self, router_id: str) -> str:
         return f"{self.root}.router.{check_token(router_id, 'router id')}.heartbeat"

@@ -17,6 +17,7 @@ from services.cli import _parser
 from shared import config as cfg
 from shared import natsauth
 from shared.connect import credential_options
+from shared.subjects import Subjects
 
 
 def _config(**nats) -> cfg.Config:
@@ -113,3 +114,23 @@ async def test_first_nats_auth_adds_users_and_keeps_existing_seeds(tmp_path, cap
     server = orjson.loads((out / "nats-server.conf").read_bytes())
     assert len(server["authorization"]["users"]) == 7  # 3 services, 1 slot, pipeline, ops, admin
     assert server["port"] == 4222 and "pipeline" in capsys.readouterr().out
+
+
+def test_a_sites_leaf_link_carries_only_what_its_worker_slots_need():
+    config = msgspec.convert(
+        {"clusters": [{"name": "polaris", "max_nodes": 2}, {"name": "sophia"}], "models": []}, cfg.Config
+    )
+    role = natsauth.leaf_role(config, "polaris", ["polaris"])
+    s = Subjects(config.nats.subject_prefix)
+    assert role.name == "leaf-polaris" and s.router_ack_any in role.publish
+    assert set(role.subscribe) == {
+        sub for i in range(2) for sub in natsauth.worker_role(config, "polaris", i).subscribe
+    }
+    assert not any("sophia" in p for p in role.publish + role.subscribe)
+    assert s.infer not in role.subscribe and s.reply_all not in role.subscribe
+    with pytest.raises(ValueError, match="leaf-"):
+        cfg.validate(
+            msgspec.convert(
+                {"clusters": [{"name": "a"}], "nats": {"clients": [{"name": "leaf-a"}]}}, cfg.Config
+            )
+        )
