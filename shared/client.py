@@ -369,6 +369,8 @@ class FirstClient(Lifecycle):
                     result.texts[d.index] = result.texts.get(d.index, "") + d.text
                     if d.finish_reason is not None:
                         result.finish_reasons[d.index] = d.finish_reason
+                for e in chunk.embeddings:
+                    result.embeddings[e.index] = e.vector
                 if chunk.usage is not None:
                     result.usage = chunk.usage
             if answer.started is not None:

@@ -115,6 +115,7 @@ class SimEngine(_Cfg, tag="sim", tag_field="kind"):
     max_concurrency: PosInt = 8  # requests beyond it wait inside the engine, as in a real one
     default_max_tokens: PosInt = 16
     load_s: NonNegFloat = 0.0  # simulated model load time
+    embedding_dims: PosInt = 64  # the length of its (deterministic) embedding vectors
 
 
 class LlamaCppEngine(_Cfg, tag="llamacpp", tag_field="kind"):
@@ -124,6 +125,9 @@ class LlamaCppEngine(_Cfg, tag="llamacpp", tag_field="kind"):
     n_ctx: PosInt = 2048
     n_threads: NonNegInt = 0  # 0: llama.cpp's default
     port: Port = 0
+    # Serve /v1/embeddings (llama.cpp's embedding mode): a causal model's token vectors,
+    # mean-pooled and normalized by the worker.
+    embedding: bool = False
     args: list[str] = msgspec.field(default_factory=list)
 
 

@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-Endpoint = Literal["chat", "completion"]
+Endpoint = Literal["chat", "completion", "embedding"]
 WorkerState = Literal["starting", "loading", "ready", "draining", "stopped"]
 NodeState = Literal["requested", "running", "failed", "stopping", "stopped"]
 ModelState = Literal["live", "starting", "queued", "offline"]
@@ -149,6 +149,14 @@ class Started(_Msg, tag="started"):
     attempt: Attempt = 0
 
 
+class Embedding(msgspec.Struct, omit_defaults=True):
+    """One input's vector, as float32 little-endian bytes: OpenAI's ``encoding_format: base64`` is
+    these bytes in base64, so the gateway sends either form without converting through floats."""
+
+    vector: Annotated[bytes, msgspec.Meta(max_length=1 << 20)]
+    index: Count = 0
+
+
 class Chunk(_Msg, tag="chunk"):
     request_id: Token
     seq: Count  # 0, 1, 2 … per run: a gap means a lost message
@@ -159,6 +167,7 @@ class Chunk(_Msg, tag="chunk"):
     # On a run's first Chunk when its Started was not sent on its own (the text came quickly):
     # one message instead of two.
     started: Started | None = None
+    embeddings: list[Embedding] = msgspec.field(default_factory=list)  # an embedding run's vectors
 
 
 class Error(_Msg, tag="error"):

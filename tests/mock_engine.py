@@ -255,6 +255,7 @@ class MockEngine:
             "/v1/chat/completions": ("POST", self._chat),
             "/v1/completions": ("POST", self._completion),
             "/v1/models": ("GET", self._list_models),
+            "/v1/embeddings": ("POST", self._embeddings),
             "/health": ("GET", lambda _r: response(200, b"")),
             "/metrics": ("GET", self._metrics),
         }
@@ -308,6 +309,30 @@ class MockEngine:
 
     def _completion(self, request: Request) -> bytes | _Generation:
         return self._generation(request, chat=False)
+
+    def _embeddings(self, request: Request) -> bytes:
+        """vLLM's answer: a vector per input, ``[words, 1, 0, 0]``; with ``"mock_per_token": true``
+        llama.cpp's server without pooling: one vector per word, ``[position, 1, 0, 0]``."""
+        close = not request.keep_alive
+        body = orjson.loads(request.body)
+        self.received.append(body)
+        if body.get("model") not in self.models:
+            return response(
+                404, error_body(404, f"The model `{body.get('model')}` does not exist."), close=close
+            )
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data, tokens = [], 0
+        for i, text in enumerate(inputs):
+            words = _words(text)
+            tokens += words
+            if body.get("mock_per_token"):
+                vector = [[float(p), 1.0, 0.0, 0.0] for p in range(words)]
+            else:
+                vector = [float(words), 1.0, 0.0, 0.0]
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+        answer = {"object": "list", "data": data, "model": body["model"],
+                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
+        return response(200, orjson.dumps(answer), close=close)
 
     def _generation(self, request: Request, chat: bool) -> bytes | _Generation:
         self.requests += 1

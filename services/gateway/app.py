@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from services.gateway import first_routes, handlers, keys, limits, openapi
+from services.gateway import embeddings, first_routes, handlers, keys, limits, openapi
 from services.gateway.auth import auth_ctx, auth_middleware
 from services.gateway.middleware import request_middleware
 from services.gateway.server import serve
@@ -60,6 +60,7 @@ def create_app(
         app.cleanup_ctx.append(limits.limits_ctx)
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_post("/v1/completions", handlers.completions)
+    app.router.add_post("/v1/embeddings", embeddings.embeddings)
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/v1/whoami", handlers.whoami)
@@ -67,6 +68,7 @@ def create_app(
     # FIRST's federated paths: the routers choose the cluster, as for /v1.
     app.router.add_post("/resource_server/v1/chat/completions", handlers.chat_completions)
     app.router.add_post("/resource_server/v1/completions", handlers.completions)
+    app.router.add_post("/resource_server/v1/embeddings", embeddings.embeddings)
     first_routes.add_routes(app)
     app.router.add_get("/openapi.json", openapi.handler())
     return app

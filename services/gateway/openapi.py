@@ -14,6 +14,7 @@ import msgspec
 import orjson
 from aiohttp import web
 
+from services.gateway.embeddings import EmbeddingRequest
 from services.gateway.middleware import Handler
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -102,6 +103,24 @@ class Model(msgspec.Struct):
 class ModelList(msgspec.Struct):
     object: Literal["list"]
     data: list[Model]
+
+
+class EmbeddingUsage(msgspec.Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingData(msgspec.Struct):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str  # str: base64 of float32 little-endian
+
+
+class EmbeddingList(msgspec.Struct):
+    object: Literal["list"]
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
 
 
 class Health(msgspec.Struct):
@@ -209,6 +228,8 @@ def build() -> dict:
             ChatCompletionChunk,
             TextCompletion,
             ModelList,
+            EmbeddingRequest,
+            EmbeddingList,
             Health,
             ErrorEnvelope,
         ],
@@ -227,6 +248,20 @@ def build() -> dict:
         "/v1/completions": _infer_operation(
             "Text completion", "CompletionRequest", "TextCompletion", "TextCompletion"
         ),
+        "/v1/embeddings": {
+            "post": {
+                "summary": "Embeddings: a vector per input",
+                "requestBody": {"required": True, "content": _json(_ref("EmbeddingRequest"))},
+                "responses": _responses(
+                    {
+                        "description": "The vectors, as floats or (encoding_format: base64) float32 bytes.",
+                        "headers": {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}},
+                        "content": _json(_ref("EmbeddingList")),
+                    },
+                    _INFER,
+                ),
+            }
+        },
         "/v1/models": _get_operation(
             "The configured models, with their live status",
             {"description": "The models.", "content": _json(_ref("ModelList"))},

@@ -86,6 +86,18 @@ _MISSING = re.compile(r"missing required field `([^`]+)`")
 
 def parse_request(raw: bytes, kind: type[msgspec.Struct]) -> Any:
     """Decode and check a request body, or raise BadRequest naming the offending field."""
+    request = decode_request(raw, kind)
+    if isinstance(request, ChatCompletionRequest):
+        check_content(request.messages)
+    if request.n not in (None, 1):
+        raise errors.BadRequest("Only n=1 is supported.", param="n")
+    if isinstance(request, CompletionRequest) and request.echo:
+        raise errors.BadRequest("echo is not supported.", param="echo")
+    return request
+
+
+def decode_request(raw: bytes, kind: type[msgspec.Struct]) -> Any:
+    """Decode a request body into ``kind``, or raise BadRequest naming the offending field."""
     if not raw.strip():
         raise errors.BadRequest("The request body is empty; send a JSON object.")
     try:
@@ -101,12 +113,6 @@ def parse_request(raw: bytes, kind: type[msgspec.Struct]) -> Any:
         raise errors.BadRequest("The request body is not valid JSON: a string in it is not UTF-8.") from None
     except RecursionError:
         raise errors.BadRequest("The request body nests arrays or objects too deeply.") from None
-    if isinstance(request, ChatCompletionRequest):
-        check_content(request.messages)
-    if request.n not in (None, 1):
-        raise errors.BadRequest("Only n=1 is supported.", param="n")
-    if isinstance(request, CompletionRequest) and request.echo:
-        raise errors.BadRequest("echo is not supported.", param="echo")
     return request
 
 

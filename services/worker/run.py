@@ -82,7 +82,10 @@ class Runner:
         body: dict[str, Any] = {}
         try:
             body = _decode_body(request.body)
-            await self._relay(request, body, progress)
+            if request.endpoint == "embedding":
+                await self._embed(request, body, progress)
+            else:
+                await self._relay(request, body, progress)
         except asyncio.CancelledError:
             outcome = "cancelled"
             if self.stopping():  # not the caller's doing: tell it
@@ -168,6 +171,33 @@ class Runner:
             pumping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pumping
+
+    async def _embed(self, request: schema.InferRequest, body: dict[str, Any], progress: Progress) -> None:
+        """An embeddings request: one answer, its vectors in as few Chunks as the payload allows."""
+        found, progress.usage = await self.engine.embed(body)
+        progress.first_token = time.monotonic()
+        parts: list[list[schema.Embedding]] = [[]]
+        size = 0
+        for index, vector in enumerate(found):
+            if size + len(vector) > self.max_text_bytes and parts[-1]:
+                parts.append([])
+                size = 0
+            parts[-1].append(schema.Embedding(vector, index))
+            size += len(vector) + 16
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            chunk = schema.Chunk(
+                request.request_id,
+                progress.seq,
+                usage=progress.usage if last else None,
+                done=last,
+                attempt=request.attempt,
+                started=progress.started,
+                embeddings=part,
+            )
+            progress.started = None
+            progress.seq += 1
+            await self.nc.publish(request.reply_to, schema.encode(chunk))
 
     async def _flush(self, request: schema.InferRequest, progress: Progress, done: bool) -> None:
         """Send the pending text, one delta per choice, as Chunks of at most ``max_text_bytes`` each."""

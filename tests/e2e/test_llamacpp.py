@@ -9,6 +9,7 @@ import pytest
 from tests.support import ROOT, Stack
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBED = "SmolLM2-135M-embed"
 pytestmark = pytest.mark.llamacpp
 
 
@@ -27,7 +28,7 @@ async def test_smollm2_streams_real_tokens_with_exact_usage(local_stack):
     )
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     models = [m.id for m in (await client.models.list()).data]
-    assert models == [MODEL]
+    assert models == [MODEL, EMBED]
 
     whole = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
     stream = await client.chat.completions.create(
@@ -50,3 +51,20 @@ async def test_smollm2_streams_real_tokens_with_exact_usage(local_stack):
     # The stream's usage is counted by the worker; the whole answer's comes from llama.cpp itself.
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens > 10
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 12
+
+
+async def test_smollm2_embeds_on_cpu_after_a_cold_start(local_stack):
+    """The embedding model has no worker until asked: the first request waits for one."""
+    client = openai.AsyncOpenAI(
+        base_url=local_stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=90
+    )
+    texts = ["Paris is the capital of France.", "Supercomputers run simulations."]
+    reply = await client.embeddings.create(model=EMBED, input=texts)
+    again = await client.embeddings.create(model=EMBED, input=texts[0], encoding_format="float")
+    await client.close()
+    assert [len(d.embedding) for d in reply.data] == [576, 576]
+    for d in reply.data:
+        assert abs(sum(x * x for x in d.embedding) - 1.0) < 1e-4  # mean-pooled, then normalized
+    assert reply.data[0].embedding != reply.data[1].embedding
+    assert again.data[0].embedding == pytest.approx(reply.data[0].embedding, abs=1e-5)
+    assert reply.usage.prompt_tokens > 8

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared import schema
+from shared import errors, schema
 
 
 @dataclass(slots=True)
@@ -47,6 +47,10 @@ class Engine(abc.ABC):
     async def count_prompt_tokens(self, endpoint: schema.Endpoint, body: dict[str, Any]) -> int:
         """The prompt's token count, for runs that end before the engine reported usage. 0: unknown."""
         return 0
+
+    async def embed(self, body: dict[str, Any]) -> tuple[list[bytes], schema.Usage]:
+        """One vector per input of an embeddings request (float32 little-endian bytes), and the usage."""
+        raise errors.BadRequest(f"The {self.name} engine of this model serves no embeddings.", param="model")
 
 
 def prompt_text(endpoint: schema.Endpoint, body: dict[str, Any]) -> str:

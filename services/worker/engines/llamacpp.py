@@ -98,6 +98,8 @@ def llamacpp_engine(model_id: str, settings: cfg.LlamaCppEngine) -> LlamaCppServ
     ]  # fmt: skip
     if settings.n_threads:
         argv += ["--n_threads", str(settings.n_threads)]
+    if settings.embedding:
+        argv += ["--embedding", "true"]
     argv += settings.args
     return LlamaCppServerEngine(
         model_path,

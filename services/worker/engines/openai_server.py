@@ -20,13 +20,30 @@ import msgspec
 import orjson
 import structlog
 
-from services.worker.engines import answers
+from services.worker.engines import answers, vectors
 from services.worker.engines.base import Batch, Engine
 from services.worker.engines.http import EngineClient, EngineHTTPError, EngineHTTPTimeout
 from shared import errors, schema
 from shared.children import cancel_and_wait, child_process_options, stop_process
 
 _PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
+
+
+class _Vector(msgspec.Struct):
+    embedding: list[Any]  # floats, or (no pooling) a list of floats per token of the input
+    index: int = 0
+
+
+class _EmbeddingUsage(msgspec.Struct):
+    prompt_tokens: int = 0
+
+
+class _Embeddings(msgspec.Struct):
+    data: list[_Vector]
+    usage: _EmbeddingUsage | None = None
+
+
+_embeddings_decoder = msgspec.json.Decoder(_Embeddings)
 _METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+([-+0-9.eE]+|NaN)(?:\s+-?\d+)?\s*$")
 # vLLM's metric names (``vllm:kv_cache_usage_perc`` in newer releases, ``gpu_`` before).
 _RUNNING = ("vllm:num_requests_running",)
@@ -230,6 +247,38 @@ class OpenAIServerEngine(Engine):
             # is counted by the engine's own tokenizer where this class knows it.
             prompt = await self.count_prompt_tokens(endpoint, body)
             yield Batch(usage=schema.Usage(prompt_tokens=prompt, completion_tokens=tokens))
+
+    async def embed(self, body: dict[str, Any]) -> tuple[list[bytes], schema.Usage]:
+        """The engine's /v1/embeddings, asked for floats (llama.cpp's server knows no base64); a
+        causal model's per-token vectors are mean-pooled (vectors.pooled)."""
+        if self._http is None:
+            raise errors.EngineError("engine is not started")
+        count = len(vectors.inputs(body))
+        payload = dict(body, model=self.served_model, encoding_format="float")
+        try:
+            async with self._http.request(
+                "POST", "/v1/embeddings", orjson.dumps(payload), accept="application/json"
+            ) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise self._engine_error(resp.status, raw, resp.headers.get("retry-after"))
+            answer = _embeddings_decoder.decode(raw)
+        except EngineHTTPTimeout:
+            raise errors.EngineTimeout(f"the engine sent nothing for {self.read_timeout_s:g} s") from None
+        except EngineHTTPError as exc:
+            self._log.warning("engine_connection_failed", error=str(exc))
+            raise errors.EngineError("the connection to the engine failed") from None
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._log.warning("engine_answer_malformed", error=str(exc)[:300])
+            raise errors.EngineError("the engine sent a malformed answer") from None
+        rows = sorted(answer.data, key=lambda d: d.index)
+        if len(rows) != count:
+            raise errors.EngineError(f"the engine sent {len(rows)} vectors for {count} inputs")
+        usage = schema.Usage(prompt_tokens=answer.usage.prompt_tokens if answer.usage else 0)
+        try:
+            return [vectors.pack(vectors.pooled(r.embedding)) for r in rows], usage
+        except (TypeError, ValueError):  # not numbers, or token vectors of unequal lengths
+            raise errors.EngineError("the engine sent a malformed answer") from None
 
     def _engine_error(self, status: int, raw: bytes, retry_after: str | None) -> errors.FirstError:
         """The engine's refusal, in terms the caller (or for our own mistakes, an operator) can act on."""

@@ -14,6 +14,7 @@ import random
 from collections.abc import AsyncIterator
 from typing import Any
 
+from services.worker.engines import vectors
 from services.worker.engines.base import Batch, Engine, max_tokens, prompt_text
 from shared import config as cfg
 from shared import schema
@@ -107,3 +108,18 @@ class SimulatedEngine(Engine):
         finally:
             self._running -= 1
             self._slots.release()
+
+    async def embed(self, body: dict[str, Any]) -> tuple[list[bytes], schema.Usage]:
+        """A deterministic unit vector per input (the same text, the same vector), after ttft_ms."""
+        items = vectors.inputs(body)
+        await asyncio.sleep(self.settings.ttft_ms / 1000)
+        out, tokens = [], 0
+        for item in items:
+            text = item if isinstance(item, str) else " ".join(map(str, item))
+            tokens += max(1, len(text.split()))
+            digest = hashlib.blake2b(f"embed|{text}".encode(), digest_size=8).digest()
+            rng = random.Random(int.from_bytes(digest, "big"))
+            values = [rng.gauss(0.0, 1.0) for _ in range(self.settings.embedding_dims)]
+            norm = sum(v * v for v in values) ** 0.5 or 1.0
+            out.append(vectors.pack([v / norm for v in values]))
+        return out, schema.Usage(prompt_tokens=tokens)

@@ -1,0 +1,61 @@
+"""POST /v1/embeddings (and FIRST's paths to it): OpenAI's request, checked; the vectors, as floats
+or base64, from the float32 bytes a worker sends (schema.Embedding)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Any, Literal
+
+import msgspec
+from aiohttp import web
+
+from services.gateway import keys, limits
+from services.gateway.body import read_json_body
+from services.gateway.middleware import REQUEST_ID_HEADER, json_response
+from services.gateway.protocol import ModelName, decode_request
+from services.worker.engines.vectors import MAX_INPUTS, inputs, unpack
+from shared import access
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True):
+    model: ModelName
+    # A string, a list of strings, a list of token ids, or a list of lists of token ids (msgspec
+    # takes one list type in a union: vectors.inputs checks the items).
+    input: str | Annotated[list[Any], msgspec.Meta(min_length=1, max_length=MAX_INPUTS)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    user: str | None = None
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    await read_json_body(request)
+    raw = await request.read()
+    req = decode_request(raw, EmbeddingRequest)
+    inputs({"input": req.input})  # 400 unless strings or token ids, none empty
+    identity = request[keys.IDENTITY]
+    name = req.model
+    if (model := request.app[keys.MODELS].get(req.model)) is not None:
+        access.check(identity, model, request.app[keys.CONFIG])
+        name = model.id
+    request[keys.MODEL] = name
+    limits.admit(request, identity, name)
+    who = None if identity.kind == "anonymous" else identity
+    request_id = request[keys.REQUEST_ID]
+    result = await request.app[keys.CLIENT].complete(
+        name, "embedding", raw, request_id=request_id, identity=who
+    )
+    limits.spent(request, identity, name, result.usage, 0)
+    data = []
+    for index in sorted(result.embeddings):
+        vector = result.embeddings[index]
+        if req.dimensions is not None:  # OpenAI's models shorten and renormalize; ours only shorten
+            vector = vector[: 4 * req.dimensions]
+        embedding = base64.b64encode(vector).decode() if req.encoding_format == "base64" else unpack(vector)
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    body = {
+        "object": "list",
+        "data": data,
+        "model": name,
+        "usage": {"prompt_tokens": result.usage.prompt_tokens, "total_tokens": result.usage.prompt_tokens},
+    }
+    return json_response(body, headers={REQUEST_ID_HEADER: request_id})
