@@ -40,6 +40,9 @@ class KeysConfig(_Cfg):
 
     # The KV bucket; empty: the subject prefix with "_" for its dots, and "_keys" ("first_keys").
     bucket: Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9_-]*$", max_length=200)] = ""
+    # Copies JetStream keeps of the bucket (1 to 5, at most the servers of a clustered hub); 0: one
+    # at creation, and whatever it has later (an operator may have changed it).
+    replicas: Annotated[int, msgspec.Meta(ge=0, le=5)] = 0
 
 
 class AuthConfig(_Cfg):
@@ -81,3 +84,6 @@ class UsageConfig(_Cfg):
     stream: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,255}$")] = ""
     # The stream's max_age; at most 100 years, which JetStream's nanoseconds can hold.
     retention_days: Annotated[float, msgspec.Meta(gt=0, le=36_500)] = 400.0
+    # Copies JetStream keeps of the stream (1 to 5); routers keep it there. 0: one at creation,
+    # and whatever it has later.
+    replicas: Annotated[int, msgspec.Meta(ge=0, le=5)] = 0

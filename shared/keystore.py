@@ -139,7 +139,9 @@ def bucket_name(config: cfg.Config) -> str:
     return config.auth.keys.bucket or config.nats.subject_prefix.replace(".", "_") + "_keys"
 
 
-async def open_bucket(js: JetStreamContext, bucket: str, *, create: bool) -> KeyValue | None:
+async def open_bucket(
+    js: JetStreamContext, bucket: str, *, create: bool, replicas: int = 0
+) -> KeyValue | None:
     """The bucket; if missing, created (``create``) or None. Two processes that create it at once
     both succeed: JetStream accepts a second creation with the same configuration."""
     try:
@@ -153,6 +155,7 @@ async def open_bucket(js: JetStreamContext, bucket: str, *, create: bool) -> Key
             description="FIRST API keys (first keys): SHA-256 digests of their secrets, never the secrets",
             history=1,
             storage=api.StorageType.FILE,
+            replicas=replicas or 1,
         )
     )
 

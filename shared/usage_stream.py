@@ -69,6 +69,7 @@ def stream_config(config: cfg.Config) -> api.StreamConfig:
         storage=api.StorageType.FILE,
         max_age=max_age,
         duplicate_window=min(DUPLICATE_WINDOW_S, max_age),  # the server refuses a longer one
+        num_replicas=config.usage.replicas or 1,
     )
 
 
@@ -99,11 +100,19 @@ async def ensure(nc: NATS, config: cfg.Config) -> api.StreamInfo:
                 f"stream {want.name} keeps its records in memory, not on file: JetStream cannot"
                 " change that; move them to a new stream"
             )
-        if (have.max_age, have.duplicate_window) == (want.max_age, want.duplicate_window):
+        # Replicas are ours only where the config names them; else an operator's stay.
+        replicas = config.usage.replicas or have.num_replicas
+        if (have.max_age, have.duplicate_window, have.num_replicas) == (
+            want.max_age,
+            want.duplicate_window,
+            replicas,
+        ):
             return info
-        # Only our limits change: whatever else an operator set (replicas, max_bytes) stays.
+        # Only our limits change: whatever else an operator set (max_bytes, placement) stays.
         return await js.update_stream(
-            dataclasses.replace(have, max_age=want.max_age, duplicate_window=want.duplicate_window)
+            dataclasses.replace(
+                have, max_age=want.max_age, duplicate_window=want.duplicate_window, num_replicas=replicas
+            )
         )
     except nats.js.errors.ServiceUnavailableError:
         raise UsageStreamError(_no_jetstream(want.name)) from None

@@ -41,9 +41,7 @@ async def _run(config: cfg.Config, args: argparse.Namespace) -> int:
     except ConnectFailed as exc:
         raise UsageError(str(exc)) from None
     try:
-        return await _ACTIONS[args.action](
-            nc.jetstream(timeout=_TIMEOUT_S), keystore.bucket_name(config), args
-        )
+        return await _ACTIONS[args.action](nc.jetstream(timeout=_TIMEOUT_S), config, args)
     except nats.js.errors.ServiceUnavailableError:
         raise UsageError(
             f"the NATS server at {url} has JetStream off: keys need it (nats-server -js)"
@@ -58,23 +56,24 @@ def _reason(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def _bucket(js, bucket: str, *, create: bool) -> KeyValue | None:
+async def _bucket(js, bucket: str, *, create: bool, replicas: int = 0) -> KeyValue | None:
     try:
-        return await keystore.open_bucket(js, bucket, create=create)
+        return await keystore.open_bucket(js, bucket, create=create, replicas=replicas)
     except nats.js.errors.APIError as exc:
         if isinstance(exc, nats.js.errors.ServiceUnavailableError):
             raise
         raise UsageError(f"cannot open the key bucket {bucket!r}: {exc.description or exc}") from None
 
 
-async def create(js, bucket: str, args: argparse.Namespace) -> int:
+async def create(js, config: cfg.Config, args: argparse.Namespace) -> int:
+    bucket = keystore.bucket_name(config)
     try:
         name = keystore.check_name(args.name)
         groups = keystore.parse_groups(args.groups)
         lifetime_s = keystore.parse_duration(args.expires) if args.expires else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    kv = await _bucket(js, bucket, create=True)
+    kv = await _bucket(js, bucket, create=True, replicas=config.auth.keys.replicas)
     key, key_id, record = await keystore.create(kv, name, groups, lifetime_s)
     print(key, flush=True)
     expires = f", expires {keystore.iso(record.expires)}" if record.expires is not None else ""
@@ -86,7 +85,8 @@ async def create(js, bucket: str, args: argparse.Namespace) -> int:
     return 0
 
 
-async def list_(js, bucket: str, args: argparse.Namespace) -> int:
+async def list_(js, config: cfg.Config, args: argparse.Namespace) -> int:
+    bucket = keystore.bucket_name(config)
     kv = await _bucket(js, bucket, create=False)
     found = [] if kv is None else await keystore.read_all(kv, timeout_s=_TIMEOUT_S)
     now = time.time()
@@ -129,7 +129,8 @@ async def list_(js, bucket: str, args: argparse.Namespace) -> int:
     return 0
 
 
-async def revoke(js, bucket: str, args: argparse.Namespace) -> int:
+async def revoke(js, config: cfg.Config, args: argparse.Namespace) -> int:
+    bucket = keystore.bucket_name(config)
     wanted = args.key
     if (parsed := keystore.parse(wanted)) is not None:  # a whole key names its id
         wanted = parsed[0]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 
 import msgspec
@@ -26,7 +25,7 @@ from services.worker.engines import make_engine
 from services.worker.engines.openai_server import free_port
 from services.worker.service import Worker
 from shared import config as cfg
-from shared import natsauth, usage_stream
+from shared import keystore, natsauth, usage_stream
 from shared.client import FirstClient
 from shared.connect import close, connect, credential_options
 from shared.natsserver import EmbeddedNats
@@ -141,16 +140,21 @@ async def test_a_caller_on_the_hub_reaches_a_worker_on_each_leaf_and_survives_lo
     allowed) and every request is served by the other leaf, none lost; restarted, the leaf and its
     worker are back in routing."""
     f = federation
-    # `first router` creates the usage stream with one replica; the operator raises it to the 3 hub
-    # servers (docs/federation.md: `nats stream edit --replicas 3`), and routers keep it so.
+    # Routers create the usage stream with one replica; `usage.replicas = 3` (the 3 hub servers)
+    # raises it, and without the setting a router leaves the stream's replicas as it finds them.
     admin = await f.connect(f.hub[2].url, "admin")
     js = admin.jetstream(timeout=0.5)
     name = usage_stream.stream_name(f.config)
     await eventually(lambda: _jetstream_ready(js), timeout=10, what="JetStream on the hub cluster")
     router_nc = await f.connect(f.hub[0].url, "router")
-    info = await usage_stream.ensure(router_nc, f.config)
-    await js.update_stream(dataclasses.replace(info.config, num_replicas=3))
+    assert (await usage_stream.ensure(router_nc, f.config)).config.num_replicas == 1
+    replicated = msgspec.structs.replace(f.config, usage=msgspec.structs.replace(f.config.usage, replicas=3))
+    assert (await usage_stream.ensure(router_nc, replicated)).config.num_replicas == 3
     assert (await usage_stream.ensure(router_nc, f.config)).config.num_replicas == 3
+    keys = await keystore.open_bucket(js, keystore.bucket_name(f.config), create=True, replicas=3)
+    assert (
+        await keys.status()
+    ).stream_info.config.num_replicas == 3  # auth.keys.replicas, as first keys uses it
     await f.stack.enter_async_context(Router(router_nc, S, f.config))
     # The caller on another hub server than the router: requests cross the hub's routes too.
     alice = FirstClient(await f.connect(f.hub[1].url, "alice"), S, user="alice", request_timeout_s=10)

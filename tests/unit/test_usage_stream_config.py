@@ -64,3 +64,10 @@ def test_bad_usage_settings_fail_at_load_naming_the_field(tmp_path, section, fie
     )
     with pytest.raises(ConfigError, match=field.replace("$", r"\$").replace(".", r"\.")):
         load_config(path)
+
+
+def test_replicas_are_one_unless_the_config_names_them():
+    assert usage_stream.stream_config(config()).num_replicas == 1
+    assert usage_stream.stream_config(config(replicas=3)).num_replicas == 3
+    with pytest.raises(msgspec.ValidationError, match="replicas"):
+        config(replicas=7)
