@@ -153,6 +153,7 @@ def test_openapi_document_describes_every_route_and_resolves():
     assert set(doc["paths"]) == {
         "/v1/chat/completions",
         "/v1/completions",
+        "/v1/embeddings",
         "/v1/models",
         "/health",
         "/openapi.json",
