@@ -66,6 +66,17 @@ def _parser() -> argparse.ArgumentParser:
     revoke = common(keys.add_parser("revoke", help="revoke a key at once, on every gateway"))
     revoke.add_argument("key", help="the key's id, or its name")
 
+    help_ = "clusters: list them with their maintenance state; put one under maintenance or back"
+    clusters = sub.add_parser("cluster", help=help_, description=help_).add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    listing = common(clusters.add_parser("list", help="every cluster: in service or under maintenance"))
+    listing.add_argument("--json", action="store_true", help="one JSON object per cluster")
+    maintenance = common(clusters.add_parser("maintenance", help="put a cluster under maintenance, or back"))
+    maintenance.add_argument("name", help="the cluster's name in the config")
+    maintenance.add_argument("state", choices=["on", "off"])
+    maintenance.add_argument("--message", default="", help="what callers pinned to it are told (with 503)")
+
     help_ = "write NATS users and permissions (nkey seeds and a nats-server.conf) for a site's servers"
     p = common(sub.add_parser("nats-auth", help=help_, description=help_), nats=False)
     p.add_argument("--out", required=True, help="directory for credentials/ and nats-server.conf")

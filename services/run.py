@@ -254,6 +254,12 @@ async def keys(config: cfg.Config, args: argparse.Namespace) -> int:
     return await admin_keys.main(config, args)
 
 
+async def cluster(config: cfg.Config, args: argparse.Namespace) -> int:
+    from services.admin import clusters as admin_clusters
+
+    return await admin_clusters.main(config, args)
+
+
 async def usage(config: cfg.Config, args: argparse.Namespace) -> int:
     from services.admin import usage as admin_usage
 
@@ -273,6 +279,7 @@ COMMANDS: dict[str, Callable[[cfg.Config, argparse.Namespace], Coroutine]] = {
     "scaler": scaler,
     "worker": worker,
     "keys": keys,
+    "cluster": cluster,
     "usage": usage,
     "nats-auth": nats_auth,
 }

@@ -101,27 +101,40 @@ class DemandBook:
     def __init__(self, clock: Callable[[], float] = time.monotonic, *, max_per_router: int | None = None):
         self.clock = clock
         self.max_per_router = max_per_router
-        self._seen: dict[tuple[str, str], tuple[schema.Demand, float]] = {}
+        # (router, model, cluster) -> (its last report, trusted until); cluster "": unpinned requests
+        self._seen: dict[tuple[str, str, str], tuple[schema.Demand, float]] = {}
 
     def observe(self, demand: schema.Demand) -> None:
         if self.max_per_router is not None and demand.queued > self.max_per_router:
             demand.queued = self.max_per_router
-        if len(self._seen) > 10_000 and (demand.router_id, demand.model) not in self._seen:
+        key = (demand.router_id, demand.model, demand.cluster)
+        if len(self._seen) > 10_000 and key not in self._seen:
             self._forget_expired()
         trust = min(3 * demand.interval_s, self.MAX_TRUST_S)
-        self._seen[(demand.router_id, demand.model)] = (demand, self.clock() + trust)
+        self._seen[key] = (demand, self.clock() + trust)
 
     def _forget_expired(self) -> None:
         now = self.clock()
         self._seen = {k: v for k, v in self._seen.items() if v[1] > now}
 
-    def queued(self, model: str, *, exclude_router: str = "") -> int:
+    def queued(self, model: str, *, exclude_router: str = "", cluster: str | None = None) -> int:
+        """Requests held for the model: all of them, or (``cluster``) only those pinned to that
+        cluster (``""``: only those that any cluster may serve)."""
         now = self.clock()
         return sum(
             d.queued
-            for (router, m), (d, expires) in self._seen.items()
-            if m == model and expires > now and router != exclude_router
+            for (router, m, c), (d, expires) in self._seen.items()
+            if m == model and expires > now and router != exclude_router and cluster in (None, c)
         )
+
+    def pinned(self, model: str) -> dict[str, int]:
+        """Requests held for the model pinned to a cluster, by cluster (those with any)."""
+        now = self.clock()
+        out: dict[str, int] = {}
+        for (_, m, c), (d, expires) in self._seen.items():
+            if m == model and c and expires > now and d.queued:
+                out[c] = out.get(c, 0) + d.queued
+        return out
 
 
 class RecentIds:

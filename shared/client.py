@@ -139,8 +139,10 @@ class FirstClient(Lifecycle):
         queue_timeout_s: float = 0.0,
         keepalive_s: float | None = None,
         identity: schema.Identity | None = None,
+        cluster: str = "",
     ) -> AsyncIterator[Answer]:
-        """Send the request; yield its Answer. Raises FirstError subclasses for every failure."""
+        """Send the request; yield its Answer. Raises FirstError subclasses for every failure.
+        ``cluster``: run it only there (FIRST's cluster-pinned paths); empty: any cluster."""
         request_id = request_id or new_id()
         if request_id in self._calls:
             raise errors.Conflict(f"request id {request_id} is already in flight on this client")
@@ -154,6 +156,7 @@ class FirstClient(Lifecycle):
             created=time.time(),
             queue_timeout_s=queue_timeout_s,
             identity=identity,
+            cluster=cluster,
         )
         call = Call(request, Inbox(), now + self.request_timeout_s, keepalive_s, last_delivered=now)
         self._calls[request_id] = call

@@ -5,6 +5,8 @@ Each class carries the OpenAI error ``type``, a stable ``code`` and the HTTP sta
 
 from __future__ import annotations
 
+import re
+
 from shared import schema
 
 
@@ -53,6 +55,26 @@ class ClusterNotFound(NotFound):
 
 class EndpointNotFound(NotFound):
     code = "endpoint_not_found"  # FIRST's code: no such model on that cluster
+
+    @classmethod
+    def pinned(cls, cluster: str, framework: str, model: str) -> EndpointNotFound:
+        """FIRST's refusal of ``/resource_server/<cluster>/<framework>/v1/...`` for a model not
+        served there, naming the endpoint by FIRST's slug (Django's slugify of the three)."""
+        slug = re.sub(r"[^\w\s-]", "", f"{cluster} {framework} {model.lower()}"[:400].lower())
+        slug = re.sub(r"[-\s]+", "-", slug).strip("-_")
+        return cls(f"The requested endpoint '{slug}' does not exist.")
+
+
+class UnsupportedFramework(BadRequest):
+    code = "unsupported_framework"  # FIRST's code: the path's framework serves nothing on that cluster
+
+
+class ClusterUnderMaintenance(FirstError):
+    """A request pinned to a cluster an operator put under maintenance (``first cluster``)."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "cluster_under_maintenance"  # FIRST's code
 
 
 class Unauthorized(FirstError):
@@ -120,6 +142,10 @@ _BY_CODE: dict[str, type[FirstError]] = {
         BadRequest,
         NotFound,
         ModelNotFound,
+        ClusterNotFound,
+        EndpointNotFound,
+        UnsupportedFramework,
+        ClusterUnderMaintenance,
         Unauthorized,
         Forbidden,
         RateLimited,

@@ -49,6 +49,11 @@ def keys_bucket(config: cfg.Config) -> str:
     return config.auth.keys.bucket or config.nats.subject_prefix.replace(".", "_") + "_keys"
 
 
+def clusters_bucket(config: cfg.Config) -> str:
+    """The JetStream KV bucket of clusters under maintenance (shared/clusterstate.py)."""
+    return config.nats.subject_prefix.replace(".", "_") + "_clusters"
+
+
 def usage_stream(config: cfg.Config) -> str:
     """The JetStream stream of the usage records."""
     return config.usage.stream or config.nats.subject_prefix.replace(".", "_").upper() + "_USAGE"
@@ -81,12 +86,21 @@ def service_roles(config: cfg.Config) -> list[Role]:
     """The stack's own services: gateway, router, scaler."""
     s = Subjects(config.nats.subject_prefix)
     keys_reader = _kv_reader(keys_bucket(config))
+    clusters_reader = _kv_reader(clusters_bucket(config))  # maintenance: gateways and routers follow it
     usage_keeper = _stream_keeper(usage_stream(config))
     return [
         Role(
             "gateway",
             "gateway",
-            publish=[s.infer, s.cancel, s.worker_cancel_all, s.status, s.limits, *keys_reader],
+            publish=[
+                s.infer,
+                s.cancel,
+                s.worker_cancel_all,
+                s.status,
+                s.limits,
+                *keys_reader,
+                *clusters_reader,
+            ],
             subscribe=[s.reply_all, s.router_heartbeat_all, s.worker_runs_all, s.limits],
         ),
         Role(
@@ -100,6 +114,7 @@ def service_roles(config: cfg.Config) -> list[Role]:
                 s.demand,
                 s.router_heartbeat_all,
                 *usage_keeper,
+                *clusters_reader,
             ],
             subscribe=[
                 s.infer,

@@ -78,6 +78,8 @@ class InferRequest(_Msg, tag="infer"):
     queue_timeout_s: Seconds = 0.0  # 0: the router's default
     attempt: Attempt = 0  # 0, 1, 2 …: the caller's n-th submission of this request (see Retry)
     identity: Identity | None = None  # set by the gateway; None: an anonymous caller
+    # The cluster the caller pinned it to (FIRST's /resource_server/<cluster>/...); "": any.
+    cluster: Annotated[str, msgspec.Meta(max_length=128)] = ""
 
 
 class Cancel(_Msg, tag="cancel"):
@@ -208,6 +210,7 @@ class Heartbeat(_Msg, tag="heartbeat"):
     engine: EngineLoad = msgspec.field(default_factory=EngineLoad)
     node_id: Annotated[str, msgspec.Meta(max_length=128)] = ""
     sent: float = 0.0
+    framework: Annotated[str, msgspec.Meta(max_length=64)] = ""  # what serves it: vllm, llamacpp, sim, api
 
 
 class RunsBeat(_Msg, tag="runs"):
@@ -244,6 +247,7 @@ class Demand(_Msg, tag="demand"):
     queued: Count
     oldest_wait_s: Seconds = 0.0
     interval_s: Interval = 1.0
+    cluster: Annotated[str, msgspec.Meta(max_length=128)] = ""  # requests pinned to it; "": any cluster
 
 
 class NodeEvent(_Msg, tag="node_event"):

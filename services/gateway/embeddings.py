@@ -9,12 +9,11 @@ from typing import Annotated, Any, Literal
 import msgspec
 from aiohttp import web
 
-from services.gateway import keys, limits
+from services.gateway import handlers, keys, limits
 from services.gateway.body import read_json_body
 from services.gateway.middleware import REQUEST_ID_HEADER, json_response
 from services.gateway.protocol import ModelName, decode_request
 from services.worker.engines.vectors import MAX_INPUTS, inputs, unpack
-from shared import access
 
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):
@@ -27,22 +26,18 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     user: str | None = None
 
 
-async def embeddings(request: web.Request) -> web.Response:
+async def embeddings(request: web.Request, cluster: str = "") -> web.Response:
+    """``cluster``: FIRST's pinned path (services/gateway/first_routes.py checked the cluster)."""
     await read_json_body(request)
     raw = await request.read()
     req = decode_request(raw, EmbeddingRequest)
     inputs({"input": req.input})  # 400 unless strings or token ids, none empty
+    name = handlers.admit(request, req.model, cluster)
     identity = request[keys.IDENTITY]
-    name = req.model
-    if (model := request.app[keys.MODELS].get(req.model)) is not None:
-        access.check(identity, model, request.app[keys.CONFIG])
-        name = model.id
-    request[keys.MODEL] = name
-    limits.admit(request, identity, name)
     who = None if identity.kind == "anonymous" else identity
     request_id = request[keys.REQUEST_ID]
     result = await request.app[keys.CLIENT].complete(
-        name, "embedding", raw, request_id=request_id, identity=who
+        name, "embedding", raw, request_id=request_id, identity=who, cluster=cluster
     )
     limits.spent(request, identity, name, result.usage, 0)
     data = []

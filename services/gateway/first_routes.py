@@ -1,5 +1,13 @@
-"""FIRST's read-only routes under ``/resource_server``, in FIRST's JSON shapes, so that its users'
-scripts (``/list-endpoints``, ``/<cluster>/jobs``, ``/<cluster>/models``) keep working.
+"""FIRST's routes under ``/resource_server``, in FIRST's JSON shapes, so that its users' scripts
+(``/list-endpoints``, ``/<cluster>/jobs``, ``/<cluster>/models``, and the cluster-pinned
+``/<cluster>/<framework>/v1/...``) keep working.
+
+A pinned request is checked in FIRST's order: the cluster (404 ``cluster_not_found``), its
+maintenance (503 ``cluster_under_maintenance``, with the operator's message), the framework (400
+``unsupported_framework``), then the model on that cluster (404 ``endpoint_not_found``, in
+services/gateway/handlers.py once the body is read); routers then run it on that cluster only.
+Clusters under maintenance come from the bucket ``first cluster maintenance`` writes
+(shared/clusterstate.py), followed here as in every router.
 
 FIRST builds ``/jobs`` from ``qstat`` on the cluster; here it comes from what the routers know
 (heartbeats and node events, ``StatusReply``): a worker that is ready is a running job, one still
@@ -11,14 +19,15 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from services.gateway import keys
+from services.gateway import embeddings, handlers, keys
 from services.gateway.middleware import json_response
-from shared import access, errors, schema
+from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
+from shared import access, clusterstate, errors, schema
 from shared.config import ClusterConfig, Config, ModelConfig
 from shared.limits import limits_for
 
 # What each framework of a cluster serves, as FIRST lists it (``cluster.openai_endpoints``).
-OPENAI_ENDPOINTS = ["/v1/chat/completions", "/v1/completions"]
+OPENAI_ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
 
 
 async def health(request: web.Request) -> web.Response:
@@ -26,11 +35,14 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    """Every cluster open to anyone: ``{name: not under maintenance}`` (maintenance comes later:
-    all true)."""
-    config = request.app[keys.CONFIG]
+    """Every cluster open to anyone: ``{name: not under maintenance}``."""
+    config, maintenance = request.app[keys.CONFIG], request.app[keys.MAINTENANCE]
     return json_response(
-        {c.name: True for c in config.clusters if not c.allowed_groups and not c.allowed_idp_domains}
+        {
+            c.name: maintenance.message(c.name) is None
+            for c in config.clusters
+            if not c.allowed_groups and not c.allowed_idp_domains
+        }
     )
 
 
@@ -72,12 +84,16 @@ async def models(request: web.Request) -> web.Response:
 async def jobs(request: web.Request) -> web.Response:
     config, identity = request.app[keys.CONFIG], request[keys.IDENTITY]
     cluster = _cluster(request)
+    out: dict[str, list] = {k: [] for k in ("running", "queued", "stopped", "others")}
+    out |= {"private_batch_running": [], "private_batch_queued": []}
+    if request.app[keys.MAINTENANCE].message(cluster.name) is not None:  # FIRST: every model stopped
+        out["stopped"] = [_job(m, cluster, "stopped") for m in _models_on(cluster, identity, config)]
+        out["cluster_status"] = {}
+        return json_response(out)
     try:
         live = {m.id: m for m in (await request.app[keys.CLIENT].status()).models}
     except errors.FirstError:
         live = {}  # no router answers: nothing is known to run
-    out: dict[str, list] = {k: [] for k in ("running", "queued", "stopped", "others")}
-    out |= {"private_batch_running": [], "private_batch_queued": []}
     for model in _models_on(cluster, identity, config):
         here = [w for w in (live[model.id].workers if model.id in live else []) if w.cluster == cluster.name]
         for w in here:
@@ -111,6 +127,38 @@ def _cluster(request: web.Request) -> ClusterConfig:
     return cluster
 
 
+async def pinned_chat_completions(request: web.Request) -> web.StreamResponse:
+    return await handlers._infer(request, "chat", ChatCompletionRequest, _pinned(request))
+
+
+async def pinned_completions(request: web.Request) -> web.StreamResponse:
+    return await handlers._infer(request, "completion", CompletionRequest, _pinned(request))
+
+
+async def pinned_embeddings(request: web.Request) -> web.Response:
+    return await embeddings.embeddings(request, _pinned(request))
+
+
+def _pinned(request: web.Request) -> str:
+    """The path's cluster, if it exists for the caller, is in service and has the path's framework."""
+    config = request.app[keys.CONFIG]
+    cluster = _cluster(request)
+    if (message := request.app[keys.MAINTENANCE].message(cluster.name)) is not None:
+        raise errors.ClusterUnderMaintenance(message)
+    framework = request.match_info["framework"]
+    if all(framework != m.framework or cluster.name not in config.clusters_for(m) for m in config.models):
+        raise errors.UnsupportedFramework(f"framework {framework} not available on cluster {cluster.name}.")
+    return cluster.name
+
+
+async def _maintenance_ctx(app: web.Application):
+    follower = clusterstate.MaintenanceFollower(app[keys.NC], app[keys.CONFIG])
+    app[keys.MAINTENANCE] = follower
+    await follower.start()
+    yield
+    await follower.stop()
+
+
 def _models_on(cluster: ClusterConfig, identity: schema.Identity, config: Config) -> list[ModelConfig]:
     return [m for m in config.models if access.may_use_on(identity, m, cluster, config)]
 
@@ -122,3 +170,8 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/resource_server/list-endpoints", list_endpoints)
     r.add_get("/resource_server/{cluster}/models", models)
     r.add_get("/resource_server/{cluster}/jobs", jobs)
+    pinned = "/resource_server/{cluster}/{framework}/v1"
+    r.add_post(f"{pinned}/chat/completions", pinned_chat_completions)
+    r.add_post(f"{pinned}/completions", pinned_completions)
+    r.add_post(f"{pinned}/embeddings", pinned_embeddings)
+    app.cleanup_ctx.append(_maintenance_ctx)  # after the NATS connection's: it reads with it

@@ -12,6 +12,7 @@ from services.gateway.middleware import REQUEST_ID_HEADER, json_response
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, ResponseShape, parse_request
 from services.gateway.sse import KEEPALIVE, ChunkFramer, EventStreamResponse, error_events
 from shared import access, errors, schema
+from shared.config import ModelConfig
 from shared.limits import limits_for
 
 
@@ -24,24 +25,22 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _infer(
-    request: web.Request, endpoint: schema.Endpoint, kind: type[msgspec.Struct]
+    request: web.Request, endpoint: schema.Endpoint, kind: type[msgspec.Struct], cluster: str = ""
 ) -> web.StreamResponse:
+    """``cluster``: FIRST's pinned paths (services/gateway/first_routes.py checked the cluster)."""
     await read_json_body(request)  # 415 unless JSON; 408 if the body trickles; then kept for read()
     raw = await request.read()
     req = parse_request(raw, kind)
+    name = admit(request, req.model, cluster)
     identity = request[keys.IDENTITY]
-    name = req.model  # unknown models: the router answers 404, as it does NATS callers
-    if (model := request.app[keys.MODELS].get(req.model)) is not None:
-        access.check(identity, model, request.app[keys.CONFIG])
-        name = model.id  # an alias is served, counted and answered as the model's id
-    request[keys.MODEL] = name
-    limits.admit(request, identity, name)  # 429 when over; the answer gets x-ratelimit-* headers
     who = None if identity.kind == "anonymous" else identity
     client = request.app[keys.CLIENT]
     request_id = request[keys.REQUEST_ID]
     shape = ResponseShape(endpoint, request_id, name, include_usage=req.include_usage)
     if not req.stream:
-        result = await client.complete(name, endpoint, raw, request_id=request_id, identity=who)
+        result = await client.complete(
+            name, endpoint, raw, request_id=request_id, identity=who, cluster=cluster
+        )
         limits.spent(request, identity, name, result.usage, 0)
         return json_response(shape.completion(result), headers={REQUEST_ID_HEADER: request_id})
 
@@ -50,7 +49,7 @@ async def _infer(
     keepalive_s = request.app[keys.CONFIG].gateway.sse_keepalive_s
     usage, streamed = None, 0
     async with client.open(
-        name, endpoint, raw, request_id=request_id, keepalive_s=keepalive_s, identity=who
+        name, endpoint, raw, request_id=request_id, keepalive_s=keepalive_s, identity=who, cluster=cluster
     ) as answer:
         try:
             async for chunk in answer:
@@ -83,6 +82,32 @@ async def _infer(
         raise errors.EngineError("the answer ended before it began")
     await response.write_eof()  # a no-op when the last chunk already ended the body
     return response
+
+
+def admit(request: web.Request, requested: str, cluster: str = "") -> str:
+    """The model a request names, let in or refused: not on the pinned path's cluster (404), not
+    for this caller (403), over a limit (429). Its id, under which it is served and counted."""
+    identity = request[keys.IDENTITY]
+    name = requested  # unknown models: the router answers 404, as it does NATS callers
+    model = request.app[keys.MODELS].get(requested)
+    if cluster and not _served_on(request, cluster, model):
+        raise errors.EndpointNotFound.pinned(cluster, request.match_info["framework"], requested)
+    if model is not None:
+        access.check(identity, model, request.app[keys.CONFIG])
+        name = model.id  # an alias is served, counted and answered as the model's id
+    request[keys.MODEL] = name
+    limits.admit(request, identity, name)  # 429 when over; the answer gets x-ratelimit-* headers
+    return name
+
+
+def _served_on(request: web.Request, cluster: str, model: ModelConfig | None) -> bool:
+    """The model is served on the pinned path's cluster, by the path's framework."""
+    config = request.app[keys.CONFIG]
+    return (
+        model is not None
+        and cluster in config.clusters_for(model)
+        and model.framework == request.match_info["framework"]
+    )
 
 
 async def models(request: web.Request) -> web.Response:

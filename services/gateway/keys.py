@@ -7,6 +7,7 @@ from nats.aio.client import Client as NATS
 
 from shared import schema
 from shared.client import FirstClient, LocalRouter
+from shared.clusterstate import MaintenanceFollower
 from shared.config import Config
 
 CONFIG = web.AppKey("config", Config)
@@ -17,6 +18,7 @@ NC = web.AppKey("nc", NATS)
 CLIENT = web.AppKey("client", FirstClient)
 AUTHENTICATORS = web.AppKey("authenticators", list)  # services.gateway.auth.base.Authenticator
 LOCAL_ROUTER = web.AppKey("local_router", LocalRouter)  # only where a router runs in this process
+MAINTENANCE = web.AppKey("maintenance", MaintenanceFollower)  # clusters under maintenance
 
 # Per request: set by the middleware and the handlers, read by the one log line per request.
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -69,3 +69,34 @@ class ModelQueue:
 
     def oldest_wait(self) -> float:
         return self.clock() - self.items[0].enqueued if self.items else 0.0
+
+
+class Queues:
+    """Every queue a router holds: one per model for requests any cluster may serve (``any``),
+    and one per (model, cluster) for requests pinned to that cluster (``pinned``), so that each
+    waits only for its own workers."""
+
+    def __init__(self, models: list[str]):
+        self.any: dict[str, ModelQueue] = {m: ModelQueue() for m in models}
+        self.pinned: dict[tuple[str, str], ModelQueue] = {}
+
+    def of(self, model: str, cluster: str = "") -> ModelQueue:
+        """The queue, made on first use for a pinned one (the cluster was checked at admission:
+        a bounded set)."""
+        if not cluster:
+            return self.any[model]
+        queue = self.pinned.get((model, cluster))
+        if queue is None:
+            queue = self.pinned[(model, cluster)] = ModelQueue()
+        return queue
+
+    def get(self, model: str, cluster: str = "") -> ModelQueue | None:
+        return self.any.get(model) if not cluster else self.pinned.get((model, cluster))
+
+    def all(self) -> list[tuple[tuple[str, str], ModelQueue]]:
+        """``((model, cluster or ""), queue)`` for every queue."""
+        return [((m, ""), q) for m, q in self.any.items()] + list(self.pinned.items())
+
+    def held(self, model: str) -> int:
+        """Requests for the model held here, pinned or not."""
+        return len(self.any[model]) + sum(len(q) for (m, _), q in self.pinned.items() if m == model)

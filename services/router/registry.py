@@ -81,17 +81,24 @@ class Registry(WorkerBook):
         self._stale_at: list[tuple[float, int, int, _Place]] = []  # (deadline, seq, beats, place)
         self._seq = itertools.count()
         self._versions = itertools.count(1)
-        # Clusters under maintenance: chosen only when no other cluster has a free worker. Nothing
-        # sets this yet; a cluster state from the scaler or config would fill it.
+        # Clusters under maintenance: chosen only when no other cluster has a free worker. The
+        # router fills it from the maintenance bucket (shared/clusterstate.py).
         self.maintenance: set[str] = set()
 
     # --- the choice ----------------------------------------------------------------------------
 
-    def pick(self, model: str, exclude: frozenset[str] | set[str] = frozenset()) -> WorkerEntry | None:
-        """The least-loaded ready worker with a free slot in the best cluster of the best tier, or None."""
+    def pick(
+        self, model: str, exclude: frozenset[str] | set[str] = frozenset(), *, cluster: str = ""
+    ) -> WorkerEntry | None:
+        """The least-loaded ready worker with a free slot in the best cluster of the best tier, or
+        None. ``cluster``: only that cluster's workers (a pinned request)."""
         groups = self._groups.get(model)
         if not groups:
             return None
+        if cluster:
+            if (only := groups.get(cluster)) is None:
+                return None
+            groups = {cluster: only}
         self._mark_stale()
         for maintenance, stale in _TIERS:
             tier = int(stale)

@@ -21,11 +21,11 @@ from nats.aio.client import Client as NATS
 
 from services.router import callers
 from services.router.dispatch import Dispatches, Pending
-from services.router.holding import Held, ModelQueue
+from services.router.holding import Held, Queues
 from services.router.registry import Registry
 from services.router.status import ClusterView
+from shared import clusterstate, errors, schema
 from shared import config as cfg
-from shared import errors, schema
 from shared.cancels import Cancels
 from shared.children import cancel_and_wait
 from shared.connect import unsubscribe
@@ -49,11 +49,13 @@ class Router(Lifecycle):
         self.router_id = router_id or f"router-{uuid.uuid4().hex[:8]}"
         self.registry = Registry(self.settings.missed_heartbeats)
         self.view = ClusterView(config, self.registry, start_timeout_s=config.scaler.start_timeout_s)
-        self.queues = {m.id: ModelQueue() for m in config.models}
+        self.held = Queues([m.id for m in config.models])
+        self.queues, self.pinned = self.held.any, self.held.pinned  # by model; by (model, cluster)
         self._models = config.model_names()  # ids and aliases
         self.dispatches = Dispatches(self.settings.dispatch_timeout_s)
         self._cancelled = Cancels()
-        self._published: dict[str, int] = {}  # the queue length each model's last Demand said
+        self._published: dict[tuple[str, str], int] = {}  # the length each queue's last Demand said
+        self.maintenance = clusterstate.MaintenanceFollower(nc, config, self._maintenance_changed)
         self._ack_prefix = subjects.router_ack(self.router_id, 0)[:-1]
         self._next_beat = self._next_demand = 0.0
         self._bad_input = Throttle()
@@ -81,6 +83,7 @@ class Router(Lifecycle):
             await nc.subscribe(s.status, queue=ROUTERS_QUEUE, cb=self._on_status),
         ]
         self._task = asyncio.create_task(every(_TICK_S, self._housekeeping, name="router"), name="router")
+        await self.maintenance.start()
         self._log.info("router_started", models=list(self.queues))
 
     async def stop(self) -> None:
@@ -89,10 +92,11 @@ class Router(Lifecycle):
         if self._task is None:
             return
         await unsubscribe(self._infer_subs)
-        for model, queue in self.queues.items():
+        await self.maintenance.stop()
+        for (model, cluster), queue in self.held.all():
             while (held := queue.pop()) is not None:
                 await self._retry(held, "the router is shutting down")
-            await self._publish_demand(model)
+            await self._publish_demand(model, cluster)
         if len(self.dispatches):
             self._settled.clear()
             with contextlib.suppress(TimeoutError):
@@ -161,10 +165,14 @@ class Router(Lifecycle):
         if model.id != request.model:  # an alias: queues, workers and usage know the id
             request = msgspec.structs.replace(request, model=model.id)
             data = schema.encode(request)
-        queue = self.queues[model.id]
-        entry = None if queue else self.registry.pick(model.id)
+        cluster = request.cluster
+        if cluster and (err := self._refuse_pinned(model, cluster)) is not None:
+            await self._send(request.reply_to, err.to_wire(rid, request.attempt))
+            return
+        queue = self.held.of(model.id, cluster)
+        entry = None if queue else self.registry.pick(model.id, cluster=cluster)
         # The bound is on requests that wait: one a worker can take now is never refused for it.
-        if entry is None and len(queue) + self.view.demand.queued(model.id) >= self.settings.max_queue:
+        if entry is None and self._waiting(model.id) >= self.settings.max_queue:
             err = errors.NoCapacity(
                 f"too many requests are waiting for '{model.id}'", retry_after_s=self.settings.retry_after_s
             )
@@ -179,10 +187,25 @@ class Router(Lifecycle):
         else:
             await self._hold(held)
 
+    def _refuse_pinned(self, model: cfg.ModelConfig, cluster: str) -> errors.FirstError | None:
+        """Why a request pinned to this cluster cannot be served there, if it cannot."""
+        if cluster not in self.config.clusters_for(model) or self.config.cluster(cluster) is None:
+            return errors.EndpointNotFound.pinned(cluster, model.framework, model.id)
+        if (message := self.maintenance.message(cluster)) is not None:
+            return errors.ClusterUnderMaintenance(message)
+        return None
+
+    def _waiting(self, model: str) -> int:
+        """Requests for the model waiting here and (as their Demand says) at other routers."""
+        return self.held.held(model) + self.view.demand.queued(model)
+
+    def _maintenance_changed(self, clusters: dict[str, str]) -> None:
+        self.registry.maintenance = set(clusters)
+
     async def _hold(self, held: Held, *, front: bool = False) -> None:
         """Keep the request until a worker can take it; the caller learns who holds it."""
-        model = held.request.model
-        queue = self.queues[model]
+        model, cluster = held.request.model, held.request.cluster
+        queue = self.held.of(model, cluster)
         if front:
             queue.push_front(held)
             position = 1
@@ -196,7 +219,7 @@ class Router(Lifecycle):
             )
             await self._send(r.reply_to, accepted)
         if len(queue) == 1:
-            await self._publish_demand(model)  # the scaler hears of a cold model at once
+            await self._publish_demand(model, cluster)  # the scaler hears of a cold model at once
 
     # --- dispatch ------------------------------------------------------------------------------
 
@@ -214,10 +237,11 @@ class Router(Lifecycle):
         except nats.errors.Error as exc:  # NATS trouble: the dispatch times out and the caller retries
             self._log.warning("dispatch_not_sent", worker_id=worker_id, error=repr(exc))
 
-    async def _drain(self, model: str) -> None:
-        """Send the model's held requests to workers, oldest first, while any has a free slot."""
-        queue = self.queues[model]
-        while queue and (entry := self.registry.pick(model)) is not None:
+    async def _drain(self, model: str, cluster: str = "") -> None:
+        """Send the held requests of one queue (the model's, or those pinned to ``cluster``) to
+        workers, oldest first, while any has a free slot."""
+        queue = self.held.of(model, cluster)
+        while queue and (entry := self.registry.pick(model, cluster=cluster)) is not None:
             held = queue.pop()
             if self._was_cancelled(held.request):
                 continue
@@ -229,7 +253,7 @@ class Router(Lifecycle):
                     waited_s=round(time.monotonic() - held.enqueued, 3),
                 )
             await self._dispatch(held, entry.worker_id)
-        await self._publish_demand(model)
+        await self._publish_demand(model, cluster)
 
     @guarded
     async def _on_ack(self, msg) -> None:
@@ -261,7 +285,7 @@ class Router(Lifecycle):
             self.registry.forget(wid)
             self._log.warning("worker_gone", worker_id=wid, request_id=request.request_id)
             await self._hold(held, front=True)
-            await self._drain(request.model)
+            await self._drain(request.model, request.cluster)
             return
         self.registry.answered(wid, reply.in_flight)
         # A duplicate for a request this router sent before: an earlier dispatch of ours reached the
@@ -271,8 +295,8 @@ class Router(Lifecycle):
             self._log.debug(
                 "request_routed", worker_id=wid, model=request.model, request_id=request.request_id
             )
-            if self.queues[request.model]:
-                await self._drain(request.model)
+            if self.held.of(request.model, request.cluster):
+                await self._drain(request.model, request.cluster)
             return
         if reply.reason == schema.CANCELLED:
             return
@@ -282,7 +306,7 @@ class Router(Lifecycle):
             return
         self.registry.refused(wid)
         await self._hold(held, front=True)
-        await self._drain(request.model)
+        await self._drain(request.model, request.cluster)
 
     async def _retry(self, held: Held, reason: str) -> None:
         r = held.request
@@ -302,10 +326,10 @@ class Router(Lifecycle):
         owner = callers.user_of(msg.subject) if msg.subject != self.subjects.cancel else ""
         rid = cancel.request_id
         self._cancelled.add(cancel, owner)
-        for model, queue in self.queues.items():
+        for (model, cluster), queue in self.held.all():
             if queue.remove(rid, cancel.attempt, owner=owner) is not None:
                 self._log.info("held_request_cancelled", request_id=rid, reason=cancel.reason[:100])
-                await self._publish_demand(model)
+                await self._publish_demand(model, cluster)
         if wid := self.dispatches.worker_of(rid):  # handed over already: the cancel follows it
             subject = (
                 self.subjects.worker_cancel_user(wid, owner) if owner else self.subjects.worker_cancel(wid)
@@ -323,8 +347,13 @@ class Router(Lifecycle):
                 self._log.warning("bad_heartbeat", subject=msg.subject, error=_shown(str(exc), 200))
             return
         entry = self.registry.observe(beat)
-        if entry is not None and entry.free > 0 and self.queues.get(beat.model):
-            await self._drain(beat.model)
+        if entry is None or entry.free <= 0 or beat.model not in self.queues:
+            return
+        # The requests pinned to its cluster and those any cluster may serve: the older first.
+        queues = [(q, c) for c in (beat.cluster, "") if (q := self.held.get(beat.model, c))]
+        queues.sort(key=lambda qc: qc[0].items[0].request.created)
+        for _, cluster in queues:
+            await self._drain(beat.model, cluster)
 
     @guarded
     async def _on_demand(self, msg) -> None:
@@ -340,24 +369,28 @@ class Router(Lifecycle):
 
     @guarded
     async def _on_status(self, msg) -> None:
-        own = {model: len(q) for model, q in self.queues.items()}
+        own: dict[str, int] = {}
+        for (model, _), q in self.held.all():
+            own[model] = own.get(model, 0) + len(q)
         reply = schema.StatusReply(self.router_id, self.view.models(own))
         with contextlib.suppress(nats.errors.Error):
             await msg.respond(schema.encode(reply))
 
     # --- periodic ------------------------------------------------------------------------------
 
-    async def _publish_demand(self, model: str, *, force: bool = False) -> None:
-        queue = self.queues[model]
-        if not force and self._published.get(model) == len(queue):
+    async def _publish_demand(self, model: str, cluster: str = "", *, force: bool = False) -> None:
+        """One Demand per queue: the model's, and each cluster's pinned requests for it."""
+        queue = self.held.of(model, cluster)
+        if not force and self._published.get((model, cluster)) == len(queue):
             return
-        self._published[model] = len(queue)
+        self._published[(model, cluster)] = len(queue)
         demand = schema.Demand(
             router_id=self.router_id,
             model=model,
             queued=len(queue),
             oldest_wait_s=round(queue.oldest_wait(), 3),
             interval_s=_DEMAND_INTERVAL_S,
+            cluster=cluster,
         )
         await self._send(self.subjects.demand, demand)
 
@@ -365,7 +398,7 @@ class Router(Lifecycle):
         now = time.monotonic()
         for pending in self.dispatches.expired():
             await self._dispatch_timed_out(pending)
-        for model, queue in self.queues.items():
+        for (model, _), queue in self.held.all():
             for held in queue.expired():
                 waited = now - held.enqueued
                 err = errors.NoCapacity(
@@ -377,7 +410,7 @@ class Router(Lifecycle):
                 )
         if now >= self._next_beat:
             self._next_beat = now + self.settings.heartbeat_s
-            held = sum(len(q) for q in self.queues.values()) + len(self.dispatches)
+            held = sum(len(q) for _, q in self.held.all()) + len(self.dispatches)
             beat = schema.RouterBeat(self.router_id, self.settings.heartbeat_s, held, time.time())
             await self._send(self.subjects.router_heartbeat(self.router_id), beat)
         if now >= self._next_demand:
@@ -385,10 +418,10 @@ class Router(Lifecycle):
             self._next_demand = now + _DEMAND_INTERVAL_S
             for wid in self.registry.expire():
                 self._log.warning("worker_lost", worker_id=wid)
-            for model, queue in self.queues.items():
+            for (model, cluster), queue in self.held.all():
                 if queue:
-                    await self._publish_demand(model, force=True)
-                    await self._drain(model)
+                    await self._publish_demand(model, cluster, force=True)
+                    await self._drain(model, cluster)
 
     async def _dispatch_timed_out(self, pending: Pending) -> None:
         """The worker did not answer in time. It may still take the request, so this attempt is given

@@ -149,7 +149,7 @@ class Scaler(Lifecycle):
             if r.spec.model == model.id and r.state in ("requested", "running") and r.spec.node_id not in seen
         )
         return ModelView(
-            queued=self.demand.queued(model.id),
+            queued=self.demand.queued(model.id, cluster=""),  # pinned requests: _scale_pinned
             workers=[
                 WorkerLoad(
                     e.worker_id,
@@ -175,9 +175,39 @@ class Scaler(Lifecycle):
             for _ in range(decision.start):
                 if not await self._start_node(model):
                     break
+        await self._scale_pinned(model, decision.start)
 
-    async def _start_node(self, model: cfg.ModelConfig) -> bool:
-        cluster = self._pick_cluster(model)
+    async def _scale_pinned(self, model: cfg.ModelConfig, started: int) -> None:
+        """Requests pinned to a cluster wait for a worker there: start one in that cluster when
+        the workers and nodes it has for the model cannot take them (within max_workers)."""
+        pinned = self.demand.pinned(model.id)
+        if not pinned or time.monotonic() < self._not_before.get(model.id, 0.0):
+            return
+        view = self.view(model)
+        serving = [
+            w for w in self.workers.workers(model.id) if w.beat.state in ("starting", "loading", "ready")
+        ]
+        room = model.scaling.max_workers - len(serving) - view.pending_nodes - started
+        for cluster, queued in sorted(pinned.items()):
+            here = [w for w in serving if w.beat.cluster == cluster]
+            seen = {w.worker_id for w in here}
+            pending = sum(
+                1
+                for r in self.nodes.values()
+                if r.spec.model == model.id
+                and r.spec.cluster == cluster
+                and r.state in ("requested", "running")
+                and r.spec.node_id not in seen
+            )
+            load = sum(w.in_flight for w in here) + queued
+            wanted = -(-load // model.capacity) - len(here) - pending
+            while wanted > 0 and room > 0:
+                if not await self._start_node(model, cluster):
+                    return
+                wanted, room = wanted - 1, room - 1
+
+    async def _start_node(self, model: cfg.ModelConfig, only: str = "") -> bool:
+        cluster = self._pick_cluster(model, only)
         if cluster is None:
             return False
         node_id = self._free_slot(cluster)
@@ -214,10 +244,13 @@ class Scaler(Lifecycle):
                 return slot
         raise RuntimeError(f"cluster {cluster} has no free node slot")  # _pick_cluster checked for room
 
-    def _pick_cluster(self, model: cfg.ModelConfig) -> str | None:
-        """The model's cluster with a provider and room, fewest of our nodes first."""
+    def _pick_cluster(self, model: cfg.ModelConfig, only: str = "") -> str | None:
+        """The model's cluster with a provider and room, fewest of our nodes first (``only``: that
+        cluster, if it has them)."""
         best, best_count = None, 0
         for name in self.config.clusters_for(model):
+            if only and name != only:
+                continue
             cluster = self.config.cluster(name)
             if cluster is None or name not in self.providers:
                 continue

@@ -202,6 +202,7 @@ class Worker(Lifecycle):
             engine=await self._engine_load(),
             node_id=self.node_id,
             sent=time.time(),
+            framework=self.model.framework,
         )
         await self.nc.publish(self.subjects.heartbeat(self.cluster, self.worker_id), schema.encode(beat))
 

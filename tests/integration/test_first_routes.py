@@ -70,7 +70,7 @@ async def test_health_and_status_need_no_credential_and_show_only_open_clusters(
 async def test_list_endpoints_has_firsts_shape_and_only_what_the_caller_may_use(gateway):
     status, body = await gateway("/resource_server/list-endpoints")
     assert status == 200
-    endpoints = ["/v1/chat/completions", "/v1/completions"]
+    endpoints = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
     assert body == {
         "clusters": {
             "a": {
@@ -227,3 +227,21 @@ async def test_an_alias_is_served_as_its_model_over_http_and_nats(gateway, servi
     assert result.worker_id == "a-w1"
     record = schema.usage_decoder.decode((await usage.next_msg(timeout=5)).data)  # the only run since
     assert record.model == "Open-Model"  # routers serve an alias as its id: usage and queues know it
+
+
+async def test_embeddings_on_firsts_pinned_path(gateway):
+    client = openai.AsyncOpenAI(
+        base_url=gateway.url + "/resource_server/a/sim/v1", api_key="ann", max_retries=0
+    )
+    wrong = openai.AsyncOpenAI(
+        base_url=gateway.url + "/resource_server/a/vllm/v1", api_key="ann", max_retries=0
+    )
+    try:
+        reply = await client.embeddings.create(model="Open-Model", input=["x", "y z"])
+        assert [d.index for d in reply.data] == [0, 1] and reply.model == "Open-Model"
+        with pytest.raises(openai.BadRequestError) as caught:
+            await wrong.embeddings.create(model="Open-Model", input="x")
+        assert caught.value.body["code"] == "unsupported_framework"
+    finally:
+        await client.close()
+        await wrong.close()

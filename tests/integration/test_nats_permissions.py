@@ -20,8 +20,8 @@ import pytest
 from services.router.service import Router
 from services.worker.engines import make_engine
 from services.worker.service import Worker
+from shared import clusterstate, errors, natsauth, schema
 from shared import config as cfg
-from shared import errors, natsauth, schema
 from shared.client import FirstClient
 from shared.connect import close, connect, credential_options
 from shared.natsserver import EmbeddedNats
@@ -295,3 +295,25 @@ async def test_a_held_request_is_cancelled_only_by_its_owner(stack):
     await stack.worker("a-n1", "cold")
     chunks = await asyncio.wait_for(bobs, timeout=10)
     assert chunks[-1].usage.completion_tokens == 2
+
+
+async def test_gateways_and_routers_read_the_maintenance_bucket_only_admin_writes(secured):
+    bucket = clusterstate.bucket_name(secured.config)
+    admin = (await secured.connect("admin")).jetstream(timeout=2)
+    kv = await clusterstate.open_bucket(admin, bucket, create=True)
+    await clusterstate.set_maintenance(kv, "a", "down for a day")
+    try:
+        for role in ("gateway", "router"):
+            follower = clusterstate.MaintenanceFollower(await secured.connect(role), secured.config)
+            await follower.reload()
+            assert follower.clusters == {"a": "down for a day"}, role
+        for role in ("router", "alice"):
+            probe = await secured.probe(role)
+            with contextlib.suppress(nats.errors.Error):
+                await probe.nc.request(f"$KV.{bucket}.a", b"{}", timeout=0.5)
+            await probe.refused("publish", f"$KV.{bucket}.a")
+        follower = clusterstate.MaintenanceFollower(await secured.connect("alice"), secured.config)
+        with pytest.raises(nats.errors.Error):  # a NATS-native client does not read it
+            await follower.reload()
+    finally:
+        await clusterstate.clear_maintenance(kv, "a")
