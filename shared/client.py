@@ -140,6 +140,7 @@ class FirstClient(Lifecycle):
         keepalive_s: float | None = None,
         identity: schema.Identity | None = None,
         cluster: str = "",
+        priority: schema.Priority = "interactive",
     ) -> AsyncIterator[Answer]:
         """Send the request; yield its Answer. Raises FirstError subclasses for every failure.
         ``cluster``: run it only there (FIRST's cluster-pinned paths); empty: any cluster."""
@@ -157,6 +158,7 @@ class FirstClient(Lifecycle):
             queue_timeout_s=queue_timeout_s,
             identity=identity,
             cluster=cluster,
+            priority=priority,
         )
         call = Call(request, Inbox(), now + self.request_timeout_s, keepalive_s, last_delivered=now)
         self._calls[request_id] = call

@@ -19,6 +19,7 @@ from typing import Annotated, Literal
 import msgspec
 
 Endpoint = Literal["chat", "completion", "embedding"]
+Priority = Literal["interactive", "batch"]
 WorkerState = Literal["starting", "loading", "ready", "draining", "stopped"]
 NodeState = Literal["requested", "running", "failed", "stopping", "stopped"]
 ModelState = Literal["live", "starting", "queued", "offline"]
@@ -80,6 +81,9 @@ class InferRequest(_Msg, tag="infer"):
     identity: Identity | None = None  # set by the gateway; None: an anonymous caller
     # The cluster the caller pinned it to (FIRST's /resource_server/<cluster>/...); "": any.
     cluster: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    # While it waits for a worker: interactive requests go before batch ones (OpenAI's
+    # service_tier "flex" at the gateway; the batch service's), each class fair among its users.
+    priority: Priority = "interactive"
 
 
 class Cancel(_Msg, tag="cancel"):

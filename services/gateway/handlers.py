@@ -39,7 +39,7 @@ async def _infer(
     shape = ResponseShape(endpoint, request_id, name, include_usage=req.include_usage)
     if not req.stream:
         result = await client.complete(
-            name, endpoint, raw, request_id=request_id, identity=who, cluster=cluster
+            name, endpoint, raw, request_id=request_id, identity=who, cluster=cluster, priority=req.priority
         )
         limits.spent(request, identity, name, result.usage, 0)
         return json_response(shape.completion(result), headers={REQUEST_ID_HEADER: request_id})
@@ -49,7 +49,14 @@ async def _infer(
     keepalive_s = request.app[keys.CONFIG].gateway.sse_keepalive_s
     usage, streamed = None, 0
     async with client.open(
-        name, endpoint, raw, request_id=request_id, keepalive_s=keepalive_s, identity=who, cluster=cluster
+        name,
+        endpoint,
+        raw,
+        request_id=request_id,
+        keepalive_s=keepalive_s,
+        identity=who,
+        cluster=cluster,
+        priority=req.priority,
     ) as answer:
         try:
             async for chunk in answer:

@@ -44,6 +44,12 @@ class _Sampling(msgspec.Struct, kw_only=True):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     user: str | None = None
+    # OpenAI's "flex" (cheaper, slower) is our batch class: it waits behind interactive requests.
+    service_tier: str | None = None
+
+    @property
+    def priority(self) -> schema.Priority:
+        return "batch" if self.service_tier == "flex" else "interactive"
 
     @property
     def include_usage(self) -> bool:

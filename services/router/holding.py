@@ -1,7 +1,11 @@
-"""Requests held for a model until a worker can take them: first in first out, with deadlines.
+"""Requests held for a model until a worker can take them, with deadlines.
 
-A request that comes back (its caller re-submitted it after losing the router that held it)
-takes its place by the time it was first sent, not at the back of the queue.
+Which one goes next when a worker frees a slot: a request handed back (its worker refused it or
+vanished) first; then interactive before batch; within a class, the user served longest ago, and
+that user's oldest request. So one user's thousand queued requests do not starve another user's
+one, and a batch flood does not hold up an interactive user. A request that comes back (its
+caller re-submitted it after losing the router that held it) keeps its place by the time it was
+first sent, not at the back of the queue.
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ class Held:
 @dataclass
 class ModelQueue:
     clock: Callable[[], float] = time.monotonic
-    items: deque[Held] = field(default_factory=deque)
+    items: deque[Held] = field(default_factory=deque)  # in arrival order (by first submission)
+    _front: int = 0  # how many items at the head were handed back: they go first, in order
+    _served: dict[str, int] = field(default_factory=dict)  # user -> when last served (a counter)
+    _turn: int = 0
 
     def __len__(self) -> int:
         return len(self.items)
@@ -38,7 +45,7 @@ class ModelQueue:
         created = held.request.created
         if held.request.attempt and self.items and self.items[-1].request.created > created:
             for i, other in enumerate(self.items):
-                if other.request.created > created:
+                if i >= self._front and other.request.created > created:
                     self.items.insert(i, held)
                     return i + 1
         self.items.append(held)
@@ -46,9 +53,32 @@ class ModelQueue:
 
     def push_front(self, held: Held) -> None:
         self.items.appendleft(held)
+        self._front += 1
 
     def pop(self) -> Held | None:
-        return self.items.popleft() if self.items else None
+        """The next request to dispatch (the module's docstring says which)."""
+        if not self.items:
+            return None
+        if self._front:
+            self._front -= 1
+            return self.items.popleft()
+        best, best_key, seen = 0, None, set()
+        for i, held in enumerate(self.items):
+            who = (_class(held.request), _user(held.request))
+            if who in seen:
+                continue  # only each user's oldest request of a class can be next
+            seen.add(who)
+            key = (who[0], self._served.get(who[1], 0))
+            if best_key is None or key < best_key:
+                best, best_key = i, key
+        held = self.items[best]
+        del self.items[best]
+        self._turn += 1
+        self._served[_user(held.request)] = self._turn
+        if len(self._served) > 4 * len(self.items) + 1024:  # forget users no longer waiting
+            waiting = {_user(h.request) for h in self.items}
+            self._served = {u: t for u, t in self._served.items() if u in waiting}
+        return held
 
     def remove(self, request_id: str, attempt: int | None = None, *, owner: str = "") -> Held | None:
         """Take out the request (only that attempt of it, if given; only if ``owner``, a
@@ -56,7 +86,7 @@ class ModelQueue:
         for held in self.items:
             r = held.request
             if r.request_id == request_id and attempt in (None, r.attempt) and may_stop(owner, r):
-                self.items.remove(held)
+                self._take(held)
                 return held
         return None
 
@@ -64,11 +94,25 @@ class ModelQueue:
         now = self.clock()
         gone = [h for h in self.items if h.deadline <= now]
         for h in gone:
-            self.items.remove(h)
+            self._take(h)
         return gone
+
+    def _take(self, held: Held) -> None:
+        i = self.items.index(held)
+        del self.items[i]
+        if i < self._front:
+            self._front -= 1
 
     def oldest_wait(self) -> float:
         return self.clock() - self.items[0].enqueued if self.items else 0.0
+
+
+def _class(request: schema.InferRequest) -> int:
+    return 0 if request.priority == "interactive" else 1
+
+
+def _user(request: schema.InferRequest) -> str:
+    return request.identity.user if request.identity is not None else ""
 
 
 class Queues:

@@ -1,4 +1,5 @@
-"""The per-model queue of held requests: first in first out, with deadlines; re-submissions keep their place."""
+"""The per-model queue of held requests: fair among users, interactive before batch, with
+deadlines; re-submissions keep their place, and requests handed back go first."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ def held(
     deadline: float = 200.0,
     created: float = 0.0,
     attempt: int = 0,
+    user: str = "",
+    priority: schema.Priority = "interactive",
 ) -> Held:
     request = schema.InferRequest(
         request_id=request_id,
@@ -30,6 +33,8 @@ def held(
         reply_to="x",
         created=created,
         attempt=attempt,
+        identity=schema.Identity(user=user, kind="key") if user else None,
+        priority=priority,
     )
     return Held(request=request, data=schema.encode(request), enqueued=enqueued, deadline=deadline)
 
@@ -108,3 +113,40 @@ def test_a_resubmitted_request_takes_its_place_by_when_it_was_first_sent():
     assert queue.push(held("b", created=2.0, attempt=1)) == 2
     assert queue.push(held("d", created=0.5)) == 4, "a first submission always goes to the back"
     assert drain(queue) == ["a", "b", "c", "d"]
+
+
+def test_one_users_thousand_requests_do_not_starve_anothers_one():
+    queue = ModelQueue()
+    for i in range(1000):
+        queue.push(held(f"a{i}", user="ann", created=i))
+    queue.push(held("b0", user="bob", created=1000))
+    assert drain(queue)[:3] == ["a0", "b0", "a1"]
+
+
+def test_users_take_turns_each_oldest_first():
+    queue = ModelQueue()
+    for i in range(3):
+        for user in ("ann", "bob", "cy"):
+            queue.push(held(f"{user}{i}", user=user))
+    queue.push(held("ann3", user="ann"))
+    assert drain(queue) == ["ann0", "bob0", "cy0", "ann1", "bob1", "cy1", "ann2", "bob2", "cy2", "ann3"]
+
+
+def test_interactive_requests_go_before_batch_ones():
+    queue = ModelQueue()
+    for i in range(3):
+        queue.push(held(f"batch{i}", user="ann", priority="batch"))
+    queue.push(held("chat", user="bob"))
+    queue.push(held("chat2", user="ann"))
+    assert drain(queue) == ["chat", "chat2", "batch0", "batch1", "batch2"]
+
+
+def test_a_request_handed_back_goes_first_and_a_resubmission_keeps_its_place():
+    queue = ModelQueue()
+    queue.push(held("a0", user="ann", created=1))
+    queue.push(held("b0", user="bob", created=2))
+    back = queue.pop()
+    queue.push_front(back)
+    queue.push(held("a1", user="ann", created=0.5, attempt=1))  # sent before the others, re-submitted
+    assert ids(queue) == ["a0", "a1", "b0"]
+    assert drain(queue)[0] == "a0"

@@ -179,3 +179,14 @@ def test_completion_stream_uses_text_and_text_completion_object():
     assert "".join(c["text"] for e in body for c in e["choices"]) == "Hello, world"
     assert finishes(evts) == ["stop"]
     assert evts[-1]["usage"]["total_tokens"] == 9
+
+
+def test_openais_flex_service_tier_is_the_batch_class():
+    from services.gateway.protocol import ChatCompletionRequest, parse_request
+
+    body = b'{"model":"m","messages":[{"role":"user","content":"hi"}]'
+    assert parse_request(body + b',"service_tier":"flex"}', ChatCompletionRequest).priority == "batch"
+    assert (
+        parse_request(body + b',"service_tier":"default"}', ChatCompletionRequest).priority == "interactive"
+    )
+    assert parse_request(body + b"}", ChatCompletionRequest).priority == "interactive"
