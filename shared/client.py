@@ -141,6 +141,7 @@ class FirstClient(Lifecycle):
         identity: schema.Identity | None = None,
         cluster: str = "",
         priority: schema.Priority = "interactive",
+        session: str = "",
     ) -> AsyncIterator[Answer]:
         """Send the request; yield its Answer. Raises FirstError subclasses for every failure.
         ``cluster``: run it only there (FIRST's cluster-pinned paths); empty: any cluster."""
@@ -159,6 +160,7 @@ class FirstClient(Lifecycle):
             identity=identity,
             cluster=cluster,
             priority=priority,
+            session=session,
         )
         call = Call(request, Inbox(), now + self.request_timeout_s, keepalive_s, last_delivered=now)
         self._calls[request_id] = call

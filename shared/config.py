@@ -116,6 +116,10 @@ class SimEngine(_Cfg, tag="sim", tag_field="kind"):
     default_max_tokens: PosInt = 16
     load_s: NonNegFloat = 0.0  # simulated model load time
     embedding_dims: PosInt = 64  # the length of its (deterministic) embedding vectors
+    # A prefill that costs time per prompt token the engine has not seen (its prefix cache holds
+    # up to prefix_cache_tokens, in blocks of 16): what session affinity saves.
+    prefill_ms_per_token: NonNegFloat = 0.0
+    prefix_cache_tokens: NonNegInt = 0
 
 
 class LlamaCppEngine(_Cfg, tag="llamacpp", tag_field="kind"):

@@ -84,6 +84,9 @@ class InferRequest(_Msg, tag="infer"):
     # While it waits for a worker: interactive requests go before batch ones (OpenAI's
     # service_tier "flex" at the gateway; the batch service's), each class fair among its users.
     priority: Priority = "interactive"
+    # Requests with the same session key go to the same worker while it has room (its prefix
+    # cache): FIRST's X-ALCF-Session-ID header, OpenAI's prompt_cache_key, or its user.
+    session: Annotated[str, msgspec.Meta(max_length=128)] = ""
 
 
 class Cancel(_Msg, tag="cancel"):

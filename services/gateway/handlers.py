@@ -9,7 +9,14 @@ from aiohttp import web
 from services.gateway import keys, limits
 from services.gateway.body import read_json_body
 from services.gateway.middleware import REQUEST_ID_HEADER, json_response
-from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, ResponseShape, parse_request
+from services.gateway.protocol import (
+    SESSION_HEADER,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ResponseShape,
+    parse_request,
+    session_key,
+)
 from services.gateway.sse import KEEPALIVE, ChunkFramer, EventStreamResponse, error_events
 from shared import access, errors, schema
 from shared.config import ModelConfig
@@ -31,6 +38,7 @@ async def _infer(
     await read_json_body(request)  # 415 unless JSON; 408 if the body trickles; then kept for read()
     raw = await request.read()
     req = parse_request(raw, kind)
+    session = session_key(request.headers.get(SESSION_HEADER), req)
     name = admit(request, req.model, cluster)
     identity = request[keys.IDENTITY]
     who = None if identity.kind == "anonymous" else identity
@@ -39,7 +47,14 @@ async def _infer(
     shape = ResponseShape(endpoint, request_id, name, include_usage=req.include_usage)
     if not req.stream:
         result = await client.complete(
-            name, endpoint, raw, request_id=request_id, identity=who, cluster=cluster, priority=req.priority
+            name,
+            endpoint,
+            raw,
+            request_id=request_id,
+            identity=who,
+            cluster=cluster,
+            priority=req.priority,
+            session=session,
         )
         limits.spent(request, identity, name, result.usage, 0)
         return json_response(shape.completion(result), headers={REQUEST_ID_HEADER: request_id})
@@ -57,6 +72,7 @@ async def _infer(
         identity=who,
         cluster=cluster,
         priority=req.priority,
+        session=session,
     ) as answer:
         try:
             async for chunk in answer:

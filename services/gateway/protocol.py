@@ -46,6 +46,7 @@ class _Sampling(msgspec.Struct, kw_only=True):
     user: str | None = None
     # OpenAI's "flex" (cheaper, slower) is our batch class: it waits behind interactive requests.
     service_tier: str | None = None
+    prompt_cache_key: str | None = None  # a session key (routers keep a session on one worker)
 
     @property
     def priority(self) -> schema.Priority:
@@ -146,6 +147,21 @@ def _require_str(part: dict[str, Any], key: str, where: str) -> None:
     if not isinstance(part[key], str):
         got = _JSON_TYPES.get(type(part[key]), type(part[key]).__name__)
         raise errors.BadRequest(f"Expected `str`, got `{got}` - at `$.{where}.{key}`", param=f"{where}.{key}")
+
+
+SESSION_HEADER = "X-ALCF-Session-ID"  # FIRST's
+_SESSION = re.compile(r"[\x21-\x7e]{1,128}")  # visible ASCII, as FIRST checks it
+
+
+def session_key(header: str | None, req: Any) -> str:
+    """The key that keeps a conversation on one worker: FIRST's header, else OpenAI's
+    prompt_cache_key, else its user; "" for none. A header FIRST would refuse is a 400."""
+    if header is not None:
+        if not _SESSION.fullmatch(header):
+            raise errors.BadRequest(f"{SESSION_HEADER} must be 1 to 128 visible ASCII characters.")
+        return header
+    key = req.prompt_cache_key or req.user or ""
+    return key[:128]
 
 
 def error_body(exc: errors.FirstError) -> dict:

@@ -112,6 +112,17 @@ class Registry(WorkerBook):
                     return entry
         return None
 
+    def usable(self, worker_id: str, model: str, cluster: str = "") -> WorkerEntry | None:
+        """This worker, if it can take a request for the model now: ready with a free slot, a fresh
+        heartbeat, in service (and in ``cluster``, if given). Session affinity asks this."""
+        e, place = self.get(worker_id), self._places.get(worker_id)
+        if e is None or place is None or e.beat.model != model or e.beat.state != "ready" or e.free <= 0:
+            return None
+        self._mark_stale()
+        if place.stale or e.beat.cluster in self.maintenance or (cluster and e.beat.cluster != cluster):
+            return None
+        return e
+
     def _top(self, heap: list, exclude: Iterable[str]) -> WorkerEntry | None:
         """The best current item of a heap that is not excluded; outdated items are dropped."""
         passed = []

@@ -20,6 +20,7 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from services.router import callers
+from services.router.affinity import Sessions
 from services.router.dispatch import Dispatches, Pending
 from services.router.holding import Held, Queues
 from services.router.registry import Registry
@@ -48,6 +49,7 @@ class Router(Lifecycle):
         self.settings = config.router
         self.router_id = router_id or f"router-{uuid.uuid4().hex[:8]}"
         self.registry = Registry(self.settings.missed_heartbeats)
+        self.sessions = Sessions(self.registry)
         self.view = ClusterView(config, self.registry, start_timeout_s=config.scaler.start_timeout_s)
         self.held = Queues([m.id for m in config.models])
         self.queues, self.pinned = self.held.any, self.held.pinned  # by model; by (model, cluster)
@@ -170,7 +172,11 @@ class Router(Lifecycle):
             await self._send(request.reply_to, err.to_wire(rid, request.attempt))
             return
         queue = self.held.of(model.id, cluster)
-        entry = None if queue else self.registry.pick(model.id, cluster=cluster)
+        entry = (
+            None
+            if queue
+            else self.sessions.preferred(request) or self.registry.pick(model.id, cluster=cluster)
+        )
         # The bound is on requests that wait: one a worker can take now is never refused for it.
         if entry is None and self._waiting(model.id) >= self.settings.max_queue:
             err = errors.NoCapacity(
@@ -228,6 +234,7 @@ class Router(Lifecycle):
 
     async def _dispatch(self, held: Held, worker_id: str) -> None:
         held.dispatches += 1
+        self.sessions.served(held.request, worker_id)
         n = self.dispatches.add(held, worker_id)
         self.registry.dispatched(worker_id)
         try:
@@ -245,6 +252,7 @@ class Router(Lifecycle):
             held = queue.pop()
             if self._was_cancelled(held.request):
                 continue
+            entry = self.sessions.preferred(held.request) or entry
             if held.announced:
                 self._log.info(
                     "held_request_dispatched",

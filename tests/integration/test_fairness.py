@@ -51,3 +51,32 @@ async def test_one_users_flood_and_a_batch_flood_do_not_starve_the_others(servic
     # Every interactive request ends before the batch's second (its first may have been running).
     interactive = [i for i, name in enumerate(finished) if not name.startswith("batch")]
     assert max(interactive) < sorted(i for i, n in enumerate(finished) if n.startswith("batch"))[1], finished
+
+
+async def test_a_session_stays_on_its_worker_while_the_usual_choice_would_move_it(services):
+    """Two idle workers tie, and the usual choice takes the first by id; a session that began on
+    the second (the first was busy then) goes back to it. Turns come once the router has heard
+    the workers are free again (their heartbeats), as a person's next message would."""
+    config = make_config(
+        [{"id": "m", "capacity": 1, "engine": {"kind": "sim", "ttft_ms": 1, "itl_ms": 1}}],
+        router={"queue_timeout_s": 30},
+    )
+    router = await services.router(config)
+    for wid in ("w-a", "w-b"):
+        await services.worker(config, "m", worker_id=wid)
+    client = await services.client(request_timeout_s=30)
+
+    async def turn(session: str = "") -> str:
+        await eventually(
+            lambda: all((e := router.registry.get(w)) is not None and e.free == 1 for w in ("w-a", "w-b")),
+            what="both workers free",
+        )
+        return (await client.complete("m", "chat", BODY, session=session)).worker_id
+
+    assert await turn() == "w-a"
+    async with client.open("m", "chat", BODY) as busy:  # takes w-a; the session starts on w-b
+        assert (await client.complete("m", "chat", BODY, session="conv")).worker_id == "w-b"
+        async for _ in busy:
+            pass
+    assert await turn() == "w-a"  # both idle: the first by id
+    assert [await turn("conv") for _ in range(3)] == ["w-b"] * 3

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -37,11 +38,45 @@ def natural_length(prompt: str, seed: int | None) -> int:
     return 8 + int.from_bytes(digest, "big") % 24
 
 
+class PrefixCache:
+    """An engine's prefix cache, as vLLM keeps it: prompts in blocks of BLOCK tokens, each block
+    known by the hash of everything up to its end, the least recently used dropped first."""
+
+    BLOCK = 16
+
+    def __init__(self, tokens: int):
+        self.blocks = tokens // self.BLOCK
+        self._known: OrderedDict[bytes, None] = OrderedDict()
+        self.computed = self.reused = 0  # prompt tokens so far, computed anew or found cached
+
+    def prefill(self, words: list[str]) -> int:
+        """Take in a prompt; how many of its tokens were not cached (all of them, without a cache)."""
+        if not self.blocks:
+            self.computed += len(words)
+            return len(words)
+        digest, cached, missed = hashlib.blake2b(digest_size=16), 0, False
+        for end in range(self.BLOCK, len(words) + 1, self.BLOCK):
+            digest.update(" ".join(words[end - self.BLOCK : end]).encode() + b"\n")
+            key = digest.copy().digest()
+            if not missed and key in self._known:
+                cached = end
+                self._known.move_to_end(key)
+            else:
+                missed = True
+                self._known[key] = None
+                if len(self._known) > self.blocks:
+                    self._known.popitem(last=False)
+        self.computed += len(words) - cached
+        self.reused += cached
+        return len(words) - cached
+
+
 class SimulatedEngine(Engine):
     name = "sim"
 
     def __init__(self, settings: cfg.SimEngine):
         self.settings = settings
+        self.prefix_cache = PrefixCache(settings.prefix_cache_tokens)
         self._slots = asyncio.Semaphore(settings.max_concurrency)
         self._running = 0
         self._waiting = 0
@@ -86,7 +121,8 @@ class SimulatedEngine(Engine):
             self._waiting -= 1
         self._running += 1
         try:
-            await asyncio.sleep(s.ttft_ms / 1000)
+            uncached = self.prefix_cache.prefill(prompt.split())
+            await asyncio.sleep((s.ttft_ms + s.prefill_ms_per_token * uncached) / 1000)
             produced = 0
             for i, word in enumerate(words):
                 if word in stops:
