@@ -24,12 +24,11 @@ import nats.errors
 import nats.js.errors
 import structlog
 from nats.aio.client import Client as NATS
-from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from shared import config as cfg
-from shared import natsauth
+from shared import kvbucket, natsauth
 from shared.supervise import Throttle
 
 RELOAD_S = 1.0
@@ -59,19 +58,8 @@ def default_message(cluster: str) -> str:
 
 async def open_bucket(js: JetStreamContext, bucket: str, *, create: bool) -> KeyValue | None:
     """The bucket; if missing, created (``create``) or None."""
-    try:
-        return await js.key_value(bucket)
-    except nats.js.errors.BucketNotFoundError:
-        if not create:
-            return None
-    return await js.create_key_value(
-        api.KeyValueConfig(
-            bucket=bucket,
-            description="FIRST clusters under maintenance (first cluster maintenance)",
-            history=1,
-            storage=api.StorageType.FILE,
-        )
-    )
+    description = "FIRST clusters under maintenance (first cluster maintenance)"
+    return await kvbucket.open_bucket(js, bucket, create=create, description=description)
 
 
 async def read_all(kv: KeyValue, *, timeout_s: float = 5.0) -> dict[str, str]:

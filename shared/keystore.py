@@ -22,11 +22,11 @@ from typing import Annotated, Literal
 import msgspec
 import nats.errors
 import nats.js.errors
-from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from shared import config as cfg
+from shared import kvbucket
 
 PREFIX = "first-"
 _KEY = re.compile(r"first-([0-9a-f]{12})-([A-Za-z0-9_-]{32,256})")
@@ -142,22 +142,9 @@ def bucket_name(config: cfg.Config) -> str:
 async def open_bucket(
     js: JetStreamContext, bucket: str, *, create: bool, replicas: int = 0
 ) -> KeyValue | None:
-    """The bucket; if missing, created (``create``) or None. Two processes that create it at once
-    both succeed: JetStream accepts a second creation with the same configuration."""
-    try:
-        return await js.key_value(bucket)
-    except nats.js.errors.BucketNotFoundError:
-        if not create:
-            return None
-    return await js.create_key_value(
-        api.KeyValueConfig(
-            bucket=bucket,
-            description="FIRST API keys (first keys): SHA-256 digests of their secrets, never the secrets",
-            history=1,
-            storage=api.StorageType.FILE,
-            replicas=replicas or 1,
-        )
-    )
+    """The key bucket; if missing, created (``create``) or None."""
+    description = "FIRST API keys (first keys): SHA-256 digests of their secrets, never the secrets"
+    return await kvbucket.open_bucket(js, bucket, create=create, description=description, replicas=replicas)
 
 
 @dataclass(frozen=True, slots=True)
