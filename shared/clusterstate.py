@@ -104,6 +104,7 @@ class MaintenanceFollower:
         self.on_change = on_change
         self._task: asyncio.Task | None = None
         self._noise = Throttle()
+        self._last_seq = -1  # the bucket's last entry when it was last read
 
     def message(self, cluster: str) -> str | None:
         """The operator's message if the cluster is under maintenance, else None."""
@@ -122,7 +123,13 @@ class MaintenanceFollower:
 
     async def reload(self) -> None:
         kv = await open_bucket(self.nc.jetstream(timeout=5.0), self.bucket, create=False)
+        if kv is not None:
+            # A stream info each second; the entries (a consumer to read them) only on a change.
+            last = (await kv.status()).stream_info.state.last_seq
+            if last == self._last_seq:
+                return
         found = {} if kv is None else await read_all(kv)
+        self._last_seq = last if kv is not None else -1
         found = {name: msg for name, msg in found.items() if name in self.known}
         if found != self.clusters:
             structlog.get_logger().info("maintenance_changed", clusters=sorted(found))
