@@ -129,7 +129,12 @@ def service_roles(config: cfg.Config) -> list[Role]:
             ],
             allow_responses=True,  # status answers go to the asker's inbox
         ),
-        Role("scaler", "scaler", publish=[s.node_events], subscribe=[s.heartbeat_all, s.demand]),
+        Role(
+            "scaler",
+            "scaler",
+            publish=[s.node_events, *clusters_reader],  # no new nodes in a cluster under maintenance
+            subscribe=[s.heartbeat_all, s.demand],
+        ),
     ]
 
 

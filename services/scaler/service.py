@@ -14,8 +14,8 @@ from nats.aio.client import Client as NATS
 
 from services.scaler.policy import ModelView, WorkerLoad, decide
 from services.scaler.providers.base import NodeProvider, NodeSpec
+from shared import clusterstate, natsauth, schema
 from shared import config as cfg
-from shared import natsauth, schema
 from shared.book import DemandBook, WorkerBook
 from shared.connect import unsubscribe
 from shared.lifecycle import Lifecycle
@@ -53,6 +53,7 @@ class Scaler(Lifecycle):
         self._not_before: dict[str, float] = {}  # model -> no new start before this (backoff)
         self._subs: list = []
         self._task: asyncio.Task | None = None
+        self.maintenance = clusterstate.MaintenanceFollower(nc, config)  # no new nodes there
         self._log = structlog.get_logger().bind(service="scaler")
 
     async def start(self) -> None:
@@ -63,6 +64,7 @@ class Scaler(Lifecycle):
             await self.nc.subscribe(self.subjects.demand, cb=self._on_demand),
         ]
         self._task = asyncio.create_task(self._run(), name="scaler")
+        await self.maintenance.start()
         self._log.info("scaler_started", clusters=list(self.providers))
 
     async def stop(self) -> None:
@@ -72,6 +74,7 @@ class Scaler(Lifecycle):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await self.maintenance.stop()
         await unsubscribe(self._subs)
         for provider in set(self.providers.values()):
             await provider.close()
@@ -245,18 +248,20 @@ class Scaler(Lifecycle):
         raise RuntimeError(f"cluster {cluster} has no free node slot")  # _pick_cluster checked for room
 
     def _pick_cluster(self, model: cfg.ModelConfig, only: str = "") -> str | None:
-        """The model's cluster with a provider and room, fewest of our nodes first (``only``: that
-        cluster, if it has them)."""
-        best, best_count = None, 0
+        """The model's cluster that can start a node (a provider, room, not under maintenance):
+        the one with the fewest nodes still waiting in its batch system, then the fewest of our
+        nodes (``only``: that cluster, if it can)."""
+        best, best_key = None, None
         for name in self.config.clusters_for(model):
-            if only and name != only:
+            if (only and name != only) or self.maintenance.message(name) is not None:
                 continue
             cluster = self.config.cluster(name)
             if cluster is None or name not in self.providers:
                 continue
-            count = sum(1 for r in self.nodes.values() if r.spec.cluster == name)
-            if count < cluster.max_nodes and (best is None or count < best_count):
-                best, best_count = name, count
+            ours = [r for r in self.nodes.values() if r.spec.cluster == name]
+            key = (sum(r.state == "requested" for r in ours), len(ours))
+            if len(ours) < cluster.max_nodes and (best_key is None or key < best_key):
+                best, best_key = name, key
         return best
 
     async def _event(self, record: NodeRecord) -> None:

@@ -96,3 +96,39 @@ async def test_a_node_that_never_reports_is_released_and_tried_again(services, n
     assert "no heartbeat within 0.3 s" in (await eventually(released, what="the stopping event")).reason
     await eventually(lambda: len(provider.requested) == 2, what="a second try after the back-off")
     pending.cancel()
+
+
+async def test_nodes_start_where_none_wait_in_the_batch_queue_and_never_under_maintenance(services, nc):
+    """Three requests need three nodes (capacity 1): the second goes to the cluster with no pending
+    job, the third back to the first; with 'b' under maintenance, every node starts on 'a'."""
+    from shared import clusterstate
+
+    config = make_config(
+        [{"id": m, "capacity": 1, "scaling": {"max_workers": 3}} for m in ("m", "n")],
+        nats={"subject_prefix": services.subjects.prefix},
+        clusters=[{"name": "a", "max_nodes": 6}, {"name": "b", "max_nodes": 6}],
+        scaler={"tick_s": 0.05},
+    )
+    await services.router(config)
+    a, b = BatchQueueProvider(), BatchQueueProvider()
+    scaler = Scaler(await services.connect(), services.subjects, config, {"a": a, "b": b})
+    await services.stack.enter_async_context(scaler)
+    client = await services.client(request_timeout_s=30)
+
+    def clusters(model: str) -> list[str]:
+        return [c for c, p in (("a", a), ("b", b)) for spec in p.requested if spec.model == model]
+
+    waiting = [asyncio.create_task(client.complete("m", "chat", chat())) for _ in range(3)]
+    await eventually(lambda: len(clusters("m")) == 3, what="three node requests")
+    assert sorted(clusters("m")) == ["a", "a", "b"]
+
+    kv = await clusterstate.open_bucket(nc.jetstream(), clusterstate.bucket_name(config), create=True)
+    await clusterstate.set_maintenance(kv, "b", "upgrade")
+    await eventually(
+        lambda: scaler.maintenance.message("b") is not None, what="the scaler to see b's maintenance"
+    )
+    waiting += [asyncio.create_task(client.complete("n", "chat", chat())) for _ in range(3)]
+    await eventually(lambda: len(clusters("n")) == 3, what="three nodes for n")
+    assert clusters("n") == ["a", "a", "a"]
+    for task in waiting:
+        task.cancel()

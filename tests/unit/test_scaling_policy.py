@@ -118,3 +118,34 @@ def test_starting_and_loading_workers_are_not_released():
     ]
     d = decide(policy(idle_s=60), CAP, ModelView(queued=0, workers=workers))
     assert d.stop == ()
+
+
+def test_a_new_node_goes_where_no_job_waits_in_the_batch_queue_then_where_we_have_fewest():
+    import msgspec
+
+    from services.scaler.providers.base import NodeSpec
+    from services.scaler.service import NodeRecord, Scaler
+    from shared import config as cfg
+    from shared.subjects import Subjects
+
+    config = msgspec.convert(
+        {"clusters": [{"name": "a", "max_nodes": 4}, {"name": "b", "max_nodes": 4}, {"name": "c", "max_nodes": 1}],
+         "models": [{"id": "m", "engine": {"kind": "sim"}}]},
+        cfg.Config,
+    )  # fmt: skip
+    scaler = Scaler(None, Subjects("t"), config, {"a": None, "b": None, "c": None})  # no NATS: a pure choice
+
+    def node(cluster: str, i: int, state: str) -> None:
+        scaler.nodes[f"{cluster}{i}"] = NodeRecord(NodeSpec(f"{cluster}{i}", "m", cluster), None, state, 0.0)
+
+    node("a", 0, "running")
+    node("a", 1, "running")
+    node("b", 0, "requested")  # a job still pending in b's batch queue
+    node("c", 0, "running")  # c is full
+    model = config.models[0]
+    assert scaler._pick_cluster(model) == "a"  # two nodes, but none pending
+    node("a", 2, "requested")
+    assert scaler._pick_cluster(model) == "b"  # both have one pending: fewer nodes of ours
+    scaler.maintenance.clusters = {"b": "upgrade"}
+    assert scaler._pick_cluster(model) == "a"
+    assert scaler._pick_cluster(model, only="b") is None
