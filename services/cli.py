@@ -96,6 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--leaf-client-port", type=int, default=4222,
                    help="the leaf nodes' client port, for workers (default: 4222)")  # fmt: skip
 
+    p = add("status", "models and clusters as the routers see them: workers, slots, queues, maintenance")
+    p.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2) until Ctrl-C")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="one JSON object (per refresh)")
+
     p = add("usage", "requests and tokens per user, model or cluster, from the usage records")
     p.add_argument("--since", default="7d", help="how far back, e.g. 7d, 12h (default: 7d)")
     p.add_argument("--by", choices=["user", "model", "cluster"], default="user")

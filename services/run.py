@@ -260,6 +260,12 @@ async def cluster(config: cfg.Config, args: argparse.Namespace) -> int:
     return await admin_clusters.main(config, args)
 
 
+async def status(config: cfg.Config, args: argparse.Namespace) -> int:
+    from services.admin import status as admin_status
+
+    return await admin_status.main(config, args)
+
+
 async def usage(config: cfg.Config, args: argparse.Namespace) -> int:
     from services.admin import usage as admin_usage
 
@@ -281,5 +287,6 @@ COMMANDS: dict[str, Callable[[cfg.Config, argparse.Namespace], Coroutine]] = {
     "keys": keys,
     "cluster": cluster,
     "usage": usage,
+    "status": status,
     "nats-auth": nats_auth,
 }
