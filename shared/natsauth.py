@@ -164,12 +164,12 @@ def client_role(config: cfg.Config, user: str) -> Role:
 
 
 def ops_role(config: cfg.Config) -> Role:
-    """Operators' read-only view: beats, demand, node events, usage, status."""
+    """Operators' read-only view: beats, demand, node events, usage, status, maintenance."""
     s = Subjects(config.nats.subject_prefix)
     return Role(
         "ops",
         "ops",
-        publish=[s.status],
+        publish=[s.status, *_kv_reader(clusters_bucket(config))],  # first status reads maintenance
         subscribe=[
             s.heartbeat_all,
             s.demand,
