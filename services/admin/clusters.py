@@ -15,6 +15,7 @@ import nats.errors
 import nats.js.errors
 
 from services.admin import target
+from services.admin.target import CommandError
 from shared import clusterstate
 from shared import config as cfg
 from shared.connect import ConnectFailed
@@ -22,26 +23,18 @@ from shared.connect import ConnectFailed
 _TIMEOUT_S = 5.0
 
 
-class UsageError(Exception):
-    """What went wrong, in one line for the operator."""
-
-
 async def main(config: cfg.Config, args: argparse.Namespace) -> int:
-    try:
-        return await _run(config, args)
-    except UsageError as exc:
-        print(f"first cluster: {exc}", file=sys.stderr)
-        return 2
+    return await target.one_line("first cluster", _run(config, args))
 
 
 async def _run(config: cfg.Config, args: argparse.Namespace) -> int:
     if args.action == "maintenance" and config.cluster(args.name) is None:
         known = ", ".join(c.name for c in config.clusters) or "none"
-        raise UsageError(f"no cluster is named {args.name!r} in the config (clusters: {known})")
+        raise CommandError(f"no cluster is named {args.name!r} in the config (clusters: {known})")
     try:
         nc, url = await target.connect(config, args, "first-cluster")
     except ConnectFailed as exc:
-        raise UsageError(str(exc)) from None
+        raise CommandError(str(exc)) from None
     bucket = clusterstate.bucket_name(config)
     try:
         js = nc.jetstream(timeout=_TIMEOUT_S)
@@ -49,9 +42,9 @@ async def _run(config: cfg.Config, args: argparse.Namespace) -> int:
             return await _list(js, bucket, config, args)
         return await _maintenance(js, bucket, args)
     except nats.js.errors.ServiceUnavailableError:
-        raise UsageError(f"the NATS server at {url} has JetStream off: maintenance needs it") from None
+        raise CommandError(f"the NATS server at {url} has JetStream off: maintenance needs it") from None
     except (nats.errors.Error, TimeoutError) as exc:
-        raise UsageError(f"NATS at {url} failed: {str(exc) or type(exc).__name__}") from None
+        raise CommandError(f"NATS at {url} failed: {str(exc) or type(exc).__name__}") from None
     finally:
         await nc.close()
 

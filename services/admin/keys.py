@@ -16,6 +16,7 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 
 from services.admin import target
+from services.admin.target import CommandError
 from shared import config as cfg
 from shared import keystore
 from shared.connect import ConnectFailed
@@ -23,31 +24,23 @@ from shared.connect import ConnectFailed
 _TIMEOUT_S = 5.0
 
 
-class UsageError(Exception):
-    """What went wrong, in one line for the operator."""
-
-
 async def main(config: cfg.Config, args: argparse.Namespace) -> int:
-    try:
-        return await _run(config, args)
-    except UsageError as exc:
-        print(f"first keys: {exc}", file=sys.stderr)
-        return 2
+    return await target.one_line("first keys", _run(config, args))
 
 
 async def _run(config: cfg.Config, args: argparse.Namespace) -> int:
     try:
         nc, url = await target.connect(config, args, "first-keys")
     except ConnectFailed as exc:
-        raise UsageError(str(exc)) from None
+        raise CommandError(str(exc)) from None
     try:
         return await _ACTIONS[args.action](nc.jetstream(timeout=_TIMEOUT_S), config, args)
     except nats.js.errors.ServiceUnavailableError:
-        raise UsageError(
+        raise CommandError(
             f"the NATS server at {url} has JetStream off: keys need it (nats-server -js)"
         ) from None
     except (nats.errors.Error, TimeoutError) as exc:
-        raise UsageError(f"NATS at {url} failed: {_reason(exc)}") from None
+        raise CommandError(f"NATS at {url} failed: {_reason(exc)}") from None
     finally:
         await nc.close()
 
@@ -62,7 +55,7 @@ async def _bucket(js, bucket: str, *, create: bool, replicas: int = 0) -> KeyVal
     except nats.js.errors.APIError as exc:
         if isinstance(exc, nats.js.errors.ServiceUnavailableError):
             raise
-        raise UsageError(f"cannot open the key bucket {bucket!r}: {exc.description or exc}") from None
+        raise CommandError(f"cannot open the key bucket {bucket!r}: {exc.description or exc}") from None
 
 
 async def create(js, config: cfg.Config, args: argparse.Namespace) -> int:
@@ -72,7 +65,7 @@ async def create(js, config: cfg.Config, args: argparse.Namespace) -> int:
         groups = keystore.parse_groups(args.groups)
         lifetime_s = keystore.parse_duration(args.expires) if args.expires else None
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise CommandError(str(exc)) from None
     kv = await _bucket(js, bucket, create=True, replicas=config.auth.keys.replicas)
     key, key_id, record = await keystore.create(kv, name, groups, lifetime_s)
     print(key, flush=True)
@@ -136,7 +129,7 @@ async def revoke(js, config: cfg.Config, args: argparse.Namespace) -> int:
         wanted = parsed[0]
     kv = await _bucket(js, bucket, create=False)
     if kv is None:
-        raise UsageError(f"no key has the id or the name {wanted!r}: no key was ever made here")
+        raise CommandError(f"no key has the id or the name {wanted!r}: no key was ever made here")
     for _ in range(3):  # the entry changed between our read and our write: read it again
         target = await _choose(kv, wanted)
         if target.record.revoked:
@@ -148,23 +141,23 @@ async def revoke(js, config: cfg.Config, args: argparse.Namespace) -> int:
             continue
         print(f"Revoked key {target.key_id} ({target.record.name}): every gateway refuses it from now on.")
         return 0
-    raise UsageError(f"key {wanted!r} kept changing while it was being revoked: try again")
+    raise CommandError(f"key {wanted!r} kept changing while it was being revoked: try again")
 
 
 async def _choose(kv: KeyValue, wanted: str) -> keystore.Stored:
     """The key with this id; else the one key of this name that is not revoked yet."""
     if keystore.is_id(wanted) and (stored := await keystore.fetch(kv, wanted)) is not None:
         if stored.record is None:
-            raise UsageError(f"the entry of key {wanted} cannot be read")
+            raise CommandError(f"the entry of key {wanted} cannot be read")
         return stored
     found = await keystore.read_all(kv, timeout_s=_TIMEOUT_S)
     named = [s for s in found if s.record is not None and s.record.name == wanted]
     if not named:
-        raise UsageError(f"no key has the id or the name {wanted!r} (see 'first keys list')")
+        raise CommandError(f"no key has the id or the name {wanted!r} (see 'first keys list')")
     live = [s for s in named if not s.record.revoked] or named[:1]  # all revoked: say so
     if len(live) > 1:
         ids = ", ".join(s.key_id for s in live)
-        raise UsageError(f"{len(live)} keys are named {wanted!r} ({ids}): revoke one by its id")
+        raise CommandError(f"{len(live)} keys are named {wanted!r} ({ids}): revoke one by its id")
     return live[0]
 
 

@@ -9,12 +9,28 @@ same config needs no more arguments while that stack runs.
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Awaitable
 from pathlib import Path
 
 from nats.aio.client import Client as NATS
 
 from shared import config as cfg
 from shared.connect import ConnectFailed, connect_once
+
+
+class CommandError(Exception):
+    """What went wrong, in one line for the operator."""
+
+
+async def one_line(prog: str, run: Awaitable[int]) -> int:
+    """A command's exit status: its own, or 2 with its CommandError as one line on stderr."""
+    try:
+        return await run
+    except CommandError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+
 
 URL_FILE = "url"
 ADMIN_SEED = "credentials/admin.nk"

@@ -10,37 +10,12 @@ import pytest
 from services.router.registry import STALE_AFTER_INTERVALS, Registry, load_key
 from shared import schema
 from shared.book import WorkerEntry
+from tests.unit.test_routing import Clock
+from tests.unit.test_routing import beat as routing_beat
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def beat(
-    worker_id: str,
-    cluster: str,
-    *,
-    state: str = "ready",
-    capacity: int = 4,
-    in_flight: int = 0,
-    interval_s: float = 1.0,
-    waiting: int | None = None,
-    model: str = "m",
-) -> schema.Heartbeat:
-    return schema.Heartbeat(
-        worker_id=worker_id,
-        cluster=cluster,
-        model=model,
-        state=state,
-        capacity=capacity,
-        in_flight=in_flight,
-        interval_s=interval_s,
-        engine=schema.EngineLoad(waiting=waiting),
-    )
+def beat(worker_id: str, cluster: str, **fields) -> schema.Heartbeat:
+    return routing_beat(worker_id, cluster=cluster, **fields)
 
 
 @pytest.fixture

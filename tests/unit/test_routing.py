@@ -26,10 +26,11 @@ def beat(
     in_flight: int = 0,
     interval_s: float = 1.0,
     waiting: int | None = None,
+    cluster: str = "c",
 ) -> schema.Heartbeat:
     return schema.Heartbeat(
         worker_id=worker_id,
-        cluster="c",
+        cluster=cluster,
         model=model,
         state=state,
         capacity=capacity,
