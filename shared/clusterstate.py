@@ -20,12 +20,10 @@ import time
 from collections.abc import Callable
 
 import msgspec
-import nats.errors
-import nats.js.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KeyValue
 
 from shared import config as cfg
 from shared import kvbucket, natsauth
@@ -63,23 +61,21 @@ async def open_bucket(js: JetStreamContext, bucket: str, *, create: bool) -> Key
 
 
 async def read_all(kv: KeyValue, *, timeout_s: float = 5.0) -> dict[str, str]:
-    """Every cluster under maintenance, with its message (one pass of a watch)."""
-    watcher = await kv.watchall()
+    """Every cluster under maintenance, with its message."""
+    return (await _read(kv, timeout_s))[0]
+
+
+async def _read(kv: KeyValue, timeout_s: float) -> tuple[dict[str, str], int]:
+    """The clusters under maintenance and the bucket's sequence number they are up to date with."""
+    entries, last = await kvbucket.snapshot(kv, timeout_s=timeout_s)
     found: dict[str, str] = {}
-    try:
-        while (entry := await watcher.updates(timeout=timeout_s)) is not None:
-            if entry.operation in (KV_DEL, KV_PURGE):
-                found.pop(entry.key, None)
-                continue
-            try:
-                record = _decoder.decode(entry.value or b"")
-            except (msgspec.ValidationError, msgspec.DecodeError):
-                record = Maintenance()  # unreadable: still under maintenance, which is the safe side
-            found[entry.key] = record.message[:MAX_MESSAGE] or default_message(entry.key)
-    finally:
-        with contextlib.suppress(nats.errors.Error):
-            await watcher.stop()
-    return found
+    for key, entry in entries.items():
+        try:
+            record = _decoder.decode(entry.value or b"")
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            record = Maintenance()  # unreadable: still under maintenance, which is the safe side
+        found[key] = record.message[:MAX_MESSAGE] or default_message(key)
+    return found, last
 
 
 async def set_maintenance(kv: KeyValue, cluster: str, message: str) -> None:
@@ -123,13 +119,14 @@ class MaintenanceFollower:
 
     async def reload(self) -> None:
         kv = await open_bucket(self.nc.jetstream(timeout=5.0), self.bucket, create=False)
+        found: dict[str, str] = {}
+        self._last_seq, last = -1, self._last_seq
         if kv is not None:
             # A stream info each second; the entries (a consumer to read them) only on a change.
-            last = (await kv.status()).stream_info.state.last_seq
-            if last == self._last_seq:
+            if (await kv.status()).stream_info.state.last_seq == last:
+                self._last_seq = last
                 return
-        found = {} if kv is None else await read_all(kv)
-        self._last_seq = last if kv is not None else -1
+            found, self._last_seq = await _read(kv, 5.0)
         found = {name: msg for name, msg in found.items() if name in self.known}
         if found != self.clusters:
             structlog.get_logger().info("maintenance_changed", clusters=sorted(found))

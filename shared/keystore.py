@@ -10,7 +10,6 @@ lookup and a hash. ``first keys`` (services/admin/keys.py) writes the bucket; ev
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import re
 import secrets
@@ -177,16 +176,8 @@ async def fetch(kv: KeyValue, key_id: str) -> Stored | None:
 
 async def read_all(kv: KeyValue, *, timeout_s: float = 10.0) -> list[Stored]:
     """Every entry, in one pass of a watch (one consumer, not a request per key)."""
-    watcher = await kv.watchall()
-    found: list[Stored] = []
-    try:
-        while (entry := await watcher.updates(timeout=timeout_s)) is not None:
-            if (stored := read_entry(entry)) is not None:
-                found.append(stored)
-    finally:
-        with contextlib.suppress(nats.errors.Error):
-            await watcher.stop()
-    return found
+    entries, _ = await kvbucket.snapshot(kv, timeout_s=timeout_s)
+    return [stored for entry in entries.values() if (stored := read_entry(entry)) is not None]
 
 
 async def create(
