@@ -25,6 +25,7 @@ up: $(VENV)/.installed-local
 	$(BIN)/first up --config $(CONFIG) $(ARGS)
 
 test: $(VENV)/.installed-dev
+	tools/sysdeps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
