@@ -93,17 +93,20 @@ class Stored(NamedTuple):
 
 
 async def read(
-    nc: NATS, stream: str, since: float, *, what: str, creator: str, subject: str = ""
+    nc: NATS, stream: str, since: float, *, what: str, creator: str, subject: str = "", start_seq: int = 0
 ) -> AsyncIterator[Stored]:
-    """Every message stored at or after ``since`` (Unix seconds), oldest first, up to those stored
-    when reading began; only ``subject``'s (a filter) where given. An ephemeral pull consumer,
+    """Every message stored at or after ``since`` (Unix seconds), or from sequence number
+    ``start_seq`` where given, oldest first, up to those stored when reading began; only
+    ``subject``'s (a filter) where given. An ephemeral pull consumer,
     deleted at the end, serves them in batches. ``what`` and ``creator`` word the error for a
     missing stream ("no usage stream X on this NATS server: `first up` ... creates it")."""
     js = nc.jetstream(timeout=API_TIMEOUT_S)
+    by_seq = start_seq > 0
     consumer = api.ConsumerConfig(
         description=f"first {what}",
-        deliver_policy=api.DeliverPolicy.BY_START_TIME,
-        opt_start_time=datetime.datetime.fromtimestamp(since, datetime.UTC),
+        deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE if by_seq else api.DeliverPolicy.BY_START_TIME,
+        opt_start_seq=start_seq if by_seq else None,
+        opt_start_time=None if by_seq else datetime.datetime.fromtimestamp(since, datetime.UTC),
         ack_policy=api.AckPolicy.NONE,
         inactive_threshold=READER_INACTIVE_S,
         mem_storage=True,
