@@ -1,0 +1,1 @@
+"""The Prometheus exporter: the federation's workers, queues, nodes and events, from NATS."""
