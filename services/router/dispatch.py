@@ -14,7 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.router.holding import Held
+from shared import schema
 from shared.book import RecentIds
+
+# How long after a worker accepted a held request its caller may still watch only the router: a
+# Started comes within 0.05 s of the acceptance, so this covers slow networks many times over.
+_UNSTARTED_S = 30.0
+_MAX_WORKERS, _MAX_RUNS = 10_000, 100_000  # bounded, whatever the traffic
 
 
 @dataclass(slots=True)
@@ -33,6 +39,34 @@ class Dispatches:
         # request id -> (attempt, worker id or ""): what this router took lately. A reused id is
         # refused, and a cancel that arrives after the hand-over follows the request to its worker.
         self.recent = RecentIds(ttl_s=30.0, clock=clock)
+        # Held requests a worker accepted, by worker, while their callers may still know only this
+        # router (they learn of the worker from its Started, sent within moments): if the worker
+        # dies first, only this router can tell them to submit again (``lost``).
+        self._unstarted: dict[str, dict[str, tuple[schema.InferRequest, float]]] = {}
+
+    def accepted(self, held: Held, worker_id: str) -> None:
+        """A worker took the request; remember it for ``lost`` if its caller was told this router
+        holds it (a request dispatched at once has no holder yet: its caller resubmits by itself)."""
+        if held.announced and len(self._unstarted) < _MAX_WORKERS:
+            runs = self._unstarted.setdefault(worker_id, {})
+            if len(runs) < _MAX_RUNS:
+                runs[held.request.request_id] = (held.request, self.clock())
+
+    def lost(self, worker_id: str) -> list[schema.InferRequest]:
+        """The requests handed to a worker now gone whose answers may not have begun (a caller
+        bound to a started run of it ignores the Retry that follows)."""
+        since = self.clock() - _UNSTARTED_S
+        return [r for r, at in self._unstarted.pop(worker_id, {}).values() if at >= since]
+
+    def forget_started(self) -> None:
+        """Drop what is old enough that its caller surely heard from the worker."""
+        since = self.clock() - _UNSTARTED_S
+        for worker_id in list(self._unstarted):
+            runs = self._unstarted[worker_id]
+            for rid in [rid for rid, (_, at) in runs.items() if at < since]:
+                del runs[rid]
+            if not runs:
+                del self._unstarted[worker_id]
 
     def __len__(self) -> int:
         return len(self._pending)

@@ -97,7 +97,7 @@ class Router(Lifecycle):
         await self.maintenance.stop()
         for (model, cluster), queue in self.held.all():
             while (held := queue.pop()) is not None:
-                await self._retry(held, "the router is shutting down")
+                await self._retry(held.request, "the router is shutting down")
             await self._publish_demand(model, cluster)
         if len(self.dispatches):
             self._settled.clear()
@@ -105,7 +105,7 @@ class Router(Lifecycle):
                 async with asyncio.timeout(self.settings.dispatch_timeout_s):
                     await self._settled.wait()
         for pending in self.dispatches.expired(all_of_them=True):
-            await self._retry(pending.held, "the router is shutting down")
+            await self._retry(pending.held.request, "the router is shutting down")
         await cancel_and_wait(self._task)
         self._task = None
         await unsubscribe(self._subs)
@@ -314,10 +314,10 @@ class Router(Lifecycle):
             return
         self.registry.refused(wid)
         await self._hold(held, front=True)
+            self.dispatches.accepted(held, wid)
         await self._drain(request.model, request.cluster)
 
-    async def _retry(self, held: Held, reason: str) -> None:
-        r = held.request
+    async def _retry(self, r: schema.InferRequest, reason: str) -> None:
         await self._send(r.reply_to, schema.Retry(r.request_id, r.attempt, reason))
 
     async def _send(self, subject: str, message: msgspec.Struct) -> None:
@@ -438,4 +438,7 @@ class Router(Lifecycle):
         self.registry.answered(pending.worker_id, None)
         self.registry.refused(pending.worker_id)
         self._log.warning("dispatch_timeout", worker_id=pending.worker_id, request_id=request.request_id)
-        await self._retry(pending.held, f"worker {pending.worker_id} did not answer in time")
+        await self._retry(pending.held.request, f"worker {pending.worker_id} did not answer in time")
+            self.dispatches.forget_started()
+                for request in self.dispatches.lost(wid):  # its caller may be watching only us
+                    await self._retry(request, f"worker {wid} was lost before the answer began")

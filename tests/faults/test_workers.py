@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 
@@ -182,3 +183,47 @@ async def test_worker_with_garbage_engine_metrics_keeps_heartbeating_and_serving
         )
         assert result.texts == {0: " tok tok tok"} and result.usage.completion_tokens == 3
     assert not worker.tracebacks(), worker.tracebacks()
+
+
+async def test_worker_killed_after_taking_a_held_request_before_its_answer_began_is_not_waited_for(fleet):
+    """A request waits at the router (no worker yet); a worker comes, takes it, and is SIGKILLed
+    before it could send Started. The caller knows only the router, which is alive: the router,
+    seeing the worker's heartbeats stop, tells the caller to submit again, and another worker
+    answers, within the worker-loss detection plus a start, not after the request timeout."""
+    from shared import schema
+
+    ttft_s = 1.0
+    fleet.configure(
+        [{"id": "m", "capacity": 1, "engine": {"kind": "sim", "ttft_ms": ttft_s * 1000, "itl_ms": 10}}]
+    )
+    router = await fleet.router()
+    client = await fleet.client(request_timeout_s=30)
+    killed: list[float] = []
+
+    async def on_ack(msg) -> None:  # the worker's acceptance, on its way to the router
+        reply = schema.dispatch_reply_decoder.decode(msg.data)
+        wa = next((p for p in fleet.procs if p.name == "wa"), None)
+        if reply.accepted and not killed and wa is not None:
+            killed.append(wa.kill())  # within the 0.05 s before its Started goes out
+
+    queued: list[int] = []
+
+    async def on_demand(msg) -> None:
+        queued.extend(d.queued for d in [schema.demand_decoder.decode(msg.data)] if d.queued)
+
+    await fleet.nc.subscribe(fleet.subjects.router_ack_all(router.router_id), cb=on_ack)
+    await fleet.nc.subscribe(fleet.subjects.demand, cb=on_demand)
+    rid = new_id()
+    call = asyncio.create_task(client.complete("m", "chat", chat_body("m", max_tokens=3), request_id=rid))
+    await eventually(lambda: queued, what="the router to hold the request")
+    with contextlib.suppress(AssertionError):  # it may be dead before it is seen ready
+        await fleet.worker("wa", "m")
+    await eventually(lambda: killed, what="wa to take the held request")
+    await fleet.worker("wb", "m")
+    result = await asyncio.wait_for(call, 30)
+    took = time.monotonic() - killed[0]
+    assert (result.worker_id, result.usage.completion_tokens) == ("wb", 3)
+    bound = (
+        WORKER_LOST_S + 1.0 + 0.2 + ttft_s + 3.0
+    )  # detection, a housekeeping round, a tick; the run; wb's start
+    assert took <= bound, f"answered {took:.2f} s after the kill (bound {bound:.2f} s)"
