@@ -1,0 +1,139 @@
+"""Batch mode with identities: a gateway in this process whose callers are the test's table of
+identities (the real auth middleware, a table in place of key or Globus checks), the batch
+service, a router and a worker, all on the session's nats-server. Files and batches belong to
+their caller: to anyone else they do not exist (404). The batch service's events come on the
+event subjects, and lines run as their owner (the usage records name them)."""
+
+from __future__ import annotations
+
+import io
+
+import openai
+import orjson
+import pytest
+
+from services.batch.service import BatchService
+from services.gateway.app import create_app
+from shared import batchstore, schema
+from shared.batchstore import Batches
+from shared.events import decode as decode_event
+from tests.integration.conftest import make_config, table_auth
+from tests.support import eventually
+
+ALICE = schema.Identity(user="alice-id", kind="key", name="alice")
+BOB = schema.Identity(user="bob-id", kind="key", name="bob")
+
+
+def lines(n: int) -> bytes:
+    return b"".join(
+        orjson.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                      "body": {"model": "m", "prompt": f"p{i}", "max_tokens": 3}}) + b"\n"
+        for i in range(n)
+    )  # fmt: skip
+
+
+@pytest.fixture
+async def stack(services, subjects):
+    config = make_config(
+        [{"id": "m", "capacity": 8}],
+        nats={"subject_prefix": subjects.prefix},
+        limits={"user": {"requests_per_s": 0, "model_tokens_per_min": 0}},
+        batch={"progress_s": 0.1, "max_active_batches": 1},
+    )
+    await services.router(config)
+    await services.worker(config, "m")
+    app = create_app(config, services.nats_url)
+    table_auth(app, {"alice": ALICE, "bob": BOB})
+    url = await services.gateway(app)
+    await services.stack.enter_async_context(BatchService(await services.connect(), subjects, config))
+    clients = {
+        who: openai.AsyncOpenAI(base_url=url + "/v1", api_key=who, max_retries=0, timeout=20)
+        for who in ("alice", "bob")
+    }
+    clients["config"] = config
+    yield clients
+    for client in (clients["alice"], clients["bob"]):
+        await client.close()
+
+
+async def test_files_and_batches_belong_to_their_caller(stack, nc, subjects):
+    alice, bob = stack["alice"], stack["bob"]
+    events: list[schema.Event] = []
+    usage: list[schema.UsageRecord] = []
+
+    async def on_event(msg):
+        events.append(decode_event(msg.data))
+
+    async def on_usage(msg):
+        usage.append(schema.usage_decoder.decode(msg.data))
+
+    await nc.subscribe(subjects.events_of("batch"), cb=on_event)
+    await nc.subscribe(subjects.usage, cb=on_usage)
+    upload = await alice.files.create(file=("a.jsonl", io.BytesIO(lines(5))), purpose="batch")
+    batch = await alice.batches.create(
+        input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h"
+    )
+
+    with pytest.raises(openai.NotFoundError):
+        await bob.files.retrieve(upload.id)
+    with pytest.raises(openai.NotFoundError):
+        await bob.files.content(upload.id)
+    with pytest.raises(openai.NotFoundError):
+        await bob.files.delete(upload.id)
+    with pytest.raises(openai.NotFoundError):  # bob may not run alice's file either
+        await bob.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
+    with pytest.raises(openai.NotFoundError):
+        await bob.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        await bob.batches.cancel(batch.id)
+    assert [b.id async for b in bob.batches.list()] == []
+    assert [f.id async for f in bob.files.list()] == []
+    # One active batch per user here: alice's second waits for her first; bob's own goes ahead.
+    with pytest.raises(openai.RateLimitError) as limited:
+        await alice.batches.create(
+            input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h"
+        )
+    assert "in progress" in limited.value.message
+
+    async def done():
+        b = await alice.batches.retrieve(batch.id)
+        return b if b.status == "completed" else None
+
+    batch = await eventually(done, timeout=20, what="alice's batch to complete")
+    assert batch.request_counts.completed == 5
+    with pytest.raises(openai.NotFoundError):
+        await bob.files.content(batch.output_file_id)
+    out = [orjson.loads(x) for x in (await alice.files.content(batch.output_file_id)).content.splitlines()]
+    assert sorted(o["custom_id"] for o in out) == [f"r{i}" for i in range(5)]
+    assert out[0]["response"]["body"]["object"] == "text_completion"
+
+    names = await eventually(
+        lambda: {e.name for e in events} >= {"created", "progress", "completed"} and {e.name for e in events},
+        timeout=5, what="the batch's events",
+    )  # fmt: skip
+    assert names <= {"created", "progress", "completed"}
+    assert {e.user for e in events} == {"alice-id"} and {e.source for e in events} == {"batch"}
+    assert next(e for e in events if e.name == "completed").data["completed"] == 5
+    ran = await eventually(lambda: len(usage) >= 5 and usage, timeout=5, what="the lines' usage records")
+    assert {r.identity.user for r in ran} == {"alice-id"}  # the lines ran as alice
+
+
+async def test_a_batch_past_its_completion_window_expires(stack, nc):
+    """A batch whose window ended (here: written with one already past, as if the service had
+    been down) is not run: it ends ``expired``, with its record's timestamps."""
+    alice, config = stack["alice"], stack["config"]
+    upload = await alice.files.create(file=("a.jsonl", io.BytesIO(lines(3))), purpose="batch")
+    batches = await Batches.open(nc, config)
+    record = schema.BatchRecord(
+        id=batchstore.new_batch_id(), owner=ALICE.user, input_file_id=upload.id, endpoint="/v1/completions",
+        completion_window="1h", created_at=batchstore.now() - 3601, expires_at=batchstore.now() - 1,
+    )  # fmt: skip
+    await batches.create(record)
+
+    async def ended():
+        b = await alice.batches.retrieve(record.id)
+        return b if b.status in ("expired", "completed", "failed") else None
+
+    batch = await eventually(ended, timeout=10, what="the batch to expire")
+    assert batch.status == "expired" and batch.expired_at
+    assert batch.request_counts.completed == 0
