@@ -47,11 +47,17 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int, default=None, help="port (default: gateway.port, 8000)")
     add("router", "run a router (several may run side by side)")
     add("scaler", "run the scaler with the config's node providers")
+    p = add("exporter", "serve Prometheus metrics of the whole federation, read from NATS (docs/metrics.md)")
+    p.add_argument("--host", default=None, help="bind address (default: metrics.exporter_host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None,
+                   help="port (default: metrics.exporter_port, else 9464)")  # fmt: skip
     p = add("worker", "run a worker beside its engine on this node")
     p.add_argument("--cluster", required=True, help="the cluster this node belongs to")
     p.add_argument("--model", required=True, help="the model id to serve (from the config)")
     p.add_argument("--worker-id", default="", help="default: <cluster>-<model>-<random>")
     p.add_argument("--node-id", default="", help="the node id a scaler gave this node")
+    p.add_argument("--walltime", type=float, default=None, metavar="SECONDS",
+                   help="the batch job's time limit: drain worker.walltime_margin_s before it ends")  # fmt: skip
 
     help_ = "API keys: create one (printed once), list them, revoke one"
     keys = sub.add_parser("keys", help=help_, description=help_).add_subparsers(
@@ -100,6 +106,43 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
                    help="refresh every SECONDS (default 2) until Ctrl-C")  # fmt: skip
     p.add_argument("--json", action="store_true", help="one JSON object (per refresh)")
+
+    p = add("services", "what answers NATS's service API (nats micro ls): each service, its ids and counters")
+    p.add_argument("--json", action="store_true", help="one JSON array: each service's INFO and STATS")
+
+    help_ = "operator events: node, worker, scale, request, limit, batch, config"
+    events = sub.add_parser("events", help=help_, description=help_).add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    tail = common(events.add_parser("tail", help="the events since a time, then live as they come"))
+    tail.add_argument("--since", default="10m", help="how far back, e.g. 10m, 2h, or a date (default: 10m)")
+    tail.add_argument("--kind", default="", help="only these kinds, comma-separated: node,worker")
+    tail.add_argument("--cluster", default="", help="only this cluster's events")
+    tail.add_argument("--json", action="store_true", help="one JSON object per event")
+    tail.add_argument("--no-follow", action="store_true", help="stop after the stored events")
+    tail.add_argument("--no-color", action="store_true", help="no colours, even on a terminal")
+
+    help_ = (
+        "batch mode (docs/batch.md): run the batch service; submit a JSONL file, follow it, fetch its results"
+    )
+    batch = sub.add_parser("batch", help=help_, description=help_).add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    common(batch.add_parser("serve", help="run the batch service (first up runs one)"))
+    submit = common(batch.add_parser("submit", help="upload a JSONL file of requests and start a batch"))
+    submit.add_argument("file", help="OpenAI batch lines: custom_id, method, url, body")
+    submit.add_argument("--model", default="", help="run every line on this model (default: each line's)")
+    submit.add_argument("--endpoint", default="/v1/chat/completions", help="the lines' url")
+    submit.add_argument("--user", default="anonymous", help="whose batch it is (default: anonymous)")
+    submit.add_argument("--wait", action="store_true", help="follow it, as status does, until it ends")
+    status_p = common(batch.add_parser("status", help="one batch with a progress bar, or every batch"))
+    status_p.add_argument("id", nargs="?", default="", help="the batch id (default: list every batch)")
+    status_p.add_argument("--watch", action="store_true", help="refresh until the batch ends")
+    status_p.add_argument("--json", action="store_true", help="JSON instead of text")
+    results = common(batch.add_parser("results", help="write a batch's output (or error) file"))
+    results.add_argument("id", help="the batch id")
+    results.add_argument("-o", "--output", default="-", help="where to write it (default: stdout)")
+    results.add_argument("--errors", action="store_true", help="the error file instead")
 
     p = add("usage", "requests and tokens per user, model or cluster, from the usage records")
     p.add_argument("--since", default="7d", help="how far back, e.g. 7d, 12h (default: 7d)")

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import signal
 import tempfile
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 
@@ -46,7 +47,11 @@ def _credentials(config: cfg.Config, args: argparse.Namespace) -> str:
     return getattr(args, "credentials", "") or config.nats.credentials
 
 
-def _providers(config: cfg.Config, config_path: str, nats_url: str, credentials_dir: str = "") -> dict:
+def _providers(
+    config: cfg.Config, config_path: str, nats_url: str, credentials_dir: str = "", *, detach: bool = True
+) -> dict:
+    """``detach``: local worker processes outlive their scaler (a successor adopts them); False
+    where no successor could reach them (``first up``'s throwaway embedded NATS server)."""
     from services.scaler.providers.local import LocalProvider
 
     providers = {}
@@ -57,12 +62,19 @@ def _providers(config: cfg.Config, config_path: str, nats_url: str, credentials_
                 nats_url,
                 stop_timeout_s=config.worker.drain_timeout_s + 30,
                 credentials_dir=credentials_dir,
+                detach=detach,
+            )
+        else:  # slurm, pbs, globus_compute: services/scaler/providers/factory.py
+            from services.scaler.providers.factory import build_batch_or_globus
+
+            providers[cluster.name] = build_batch_or_globus(
+                cluster, config_path=config_path, nats_url=nats_url, credentials_dir=credentials_dir
             )
     return providers
 
 
 async def _serve_gateway(
-    stack: contextlib.AsyncExitStack, config: cfg.Config, url: str, args, local_router=None
+    stack: contextlib.AsyncExitStack, config: cfg.Config, url: str, args, local_router=None, seed: str = ""
 ) -> None:
     from services.gateway.app import create_app, start_site
 
@@ -74,7 +86,8 @@ async def _serve_gateway(
             ' gateway listens on loopback only (set auth.methods to "keys" and/or "globus")'
         )
     try:
-        app = create_app(config, url, local_router=local_router, credentials=_credentials(config, args))
+        credentials = seed or _credentials(config, args)
+        app = create_app(config, url, local_router=local_router, credentials=credentials)
         runner = await start_site(app, host, port)
     except OSError as exc:
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
@@ -109,21 +122,24 @@ async def _embedded_nats(stack: contextlib.AsyncExitStack, config: cfg.Config) -
     return server.url, credentials
 
 
-async def _ensure_usage_stream(nc, config: cfg.Config) -> None:
-    """The usage stream exists with the config's retention (shared/usage_stream.py), or we stop."""
-    from shared import usage_stream
+async def _ensure_streams(nc, config: cfg.Config) -> None:
+    """The usage stream (shared/usage_stream.py) and the event stream (shared/events.py) exist with
+    the config's limits, or we stop."""
+    from shared import events, streams, usage_stream
 
-    try:
-        info = await usage_stream.ensure(nc, config)
-    except usage_stream.UsageStreamError as exc:
-        raise UsageError(f"usage stream: {exc}") from None
-    structlog.get_logger().info(
-        "usage_stream_ready", stream=info.config.name, retention_days=config.usage.retention_days
-    )
+    for what, module, settings in (("usage", usage_stream, config.usage), ("event", events, config.events)):
+        try:
+            info = await module.ensure(nc, config)
+        except streams.StreamError as exc:
+            raise UsageError(f"{what} stream: {exc}") from None
+        structlog.get_logger().info(
+            f"{what}_stream_ready", stream=info.config.name, retention_days=settings.retention_days
+        )
 
 
 async def up(config: cfg.Config, args: argparse.Namespace) -> int:
     """The whole stack in one process tree: NATS (embedded unless configured), gateway, router, scaler."""
+    from services.batch.service import BatchService
     from services.router.service import Router
     from services.scaler.service import Scaler
 
@@ -140,17 +156,29 @@ async def up(config: cfg.Config, args: argparse.Namespace) -> int:
         # The gateway and the router share this process and its connection.
         core_nc = await connect(url, "first-core", seed("core"))
         stack.push_async_callback(close, core_nc)
-        await _ensure_usage_stream(core_nc, config)
+        await _ensure_streams(core_nc, config)
         router = await stack.enter_async_context(Router(core_nc, subjects, config))
         # The gateway hands its requests to this router by a call: one NATS round trip less.
-        await _serve_gateway(stack, config, url, args, local_router=router)
+        # The core seed: the gateway's own connection to the service API (services/gateway/discovery.py).
+        await _serve_gateway(stack, config, url, args, local_router=router, seed=seed("core"))
+        if config.metrics.exporter_port:  # before the scaler, so it sees the first node events
+            host, port = config.metrics.exporter_host, config.metrics.exporter_port
+            await _start_exporter(stack, config, url, seed("ops"), host, port)
         # Entered last, so it stops first: no new nodes during shutdown, and the workers drain
         # while the gateway and router still carry their answers.
         scaler_nc = await connect(url, "first-scaler", seed("scaler"))
         stack.push_async_callback(close, scaler_nc)
         workers_dir = str(credentials.directory) if credentials else config.nats.worker_credentials_dir
-        providers = _providers(config, args.config, url, workers_dir)
+        # Its workers outlive a killed `first up` only where a restarted one finds them again: the
+        # same NATS server (configured, or embedded with a store and a port of its own).
+        lasting = bool(config.nats.url or (config.nats.embedded_store_dir and config.nats.embedded_port))
+        providers = _providers(config, args.config, url, workers_dir, detach=lasting)
         await stack.enter_async_context(Scaler(scaler_nc, subjects, config, providers))
+        # Batch mode (docs/batch.md); it stops first, handing its lines on their way back to the
+        # queue while the rest still runs. Its lines go to the router by a call, as the gateway's.
+        batch_nc = await connect(url, "first-batch", seed("batch"))
+        stack.push_async_callback(close, batch_nc)
+        await stack.enter_async_context(BatchService(batch_nc, subjects, config, local_router=router))
         await stop.wait()
         structlog.get_logger().info("stack_stopping")
     return 0
@@ -185,8 +213,8 @@ async def router(config: cfg.Config, args: argparse.Namespace) -> int:
 
     @contextlib.asynccontextmanager
     async def started(nc, _url):
-        # Every deployment runs a router: each one makes sure the usage stream is there.
-        await _ensure_usage_stream(nc, config)
+        # Every deployment runs a router: each one makes sure the streams are there.
+        await _ensure_streams(nc, config)
         async with Router(nc, subjects, config) as r:
             yield r
 
@@ -201,13 +229,49 @@ async def scaler(config: cfg.Config, args: argparse.Namespace) -> int:
         config,
         args,
         "first-scaler",
+        # A `first scaler` that stops leaves its nodes serving, in its node table: the next scaler
+        # (a standby, or this one restarted) adopts them. `first up` stops them with the stack.
         lambda nc, url: Scaler(
-            nc, subjects, config, _providers(config, args.config, url, config.nats.worker_credentials_dir)
+            nc,
+            subjects,
+            config,
+            _providers(config, args.config, url, config.nats.worker_credentials_dir),
+            release_on_stop=False,
         ),
     )
 
 
+EXPORTER_PORT = 9464  # Prometheus's port allocation for exporters: the default of `first exporter`
+
+
+async def _start_exporter(
+    stack: contextlib.AsyncExitStack, config: cfg.Config, url: str, credentials: str, host: str, port: int
+) -> None:
+    """The exporter (services/exporter) on a connection of its own, as the read-only ops user."""
+    from services.exporter.service import Exporter
+
+    nc = await connect(url, "first-exporter", credentials)
+    stack.push_async_callback(close, nc)
+    subjects = Subjects(config.nats.subject_prefix)
+    try:
+        await stack.enter_async_context(Exporter(nc, subjects, config, host, port))
+    except OSError as exc:
+        raise UsageError(f"the exporter cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+async def exporter(config: cfg.Config, args: argparse.Namespace) -> int:
+    url = _nats_url(config, args)
+    host = args.host or config.metrics.exporter_host
+    port = args.port if args.port is not None else config.metrics.exporter_port or EXPORTER_PORT
+    stop = _stop_event()
+    async with contextlib.AsyncExitStack() as stack:
+        await _start_exporter(stack, config, url, _credentials(config, args), host, port)
+        await stop.wait()
+    return 0
+
+
 async def worker(config: cfg.Config, args: argparse.Namespace) -> int:
+    from services.worker.control import Control, drain_at
     from services.worker.engines import make_engine
     from services.worker.service import Worker
 
@@ -217,6 +281,8 @@ async def worker(config: cfg.Config, args: argparse.Namespace) -> int:
         raise UsageError(f"model {args.model!r} is not in the config")
     if config.cluster(args.cluster) is None:
         raise UsageError(f"cluster {args.cluster!r} is not in the config")
+    if args.walltime is not None and not 0 < args.walltime < 1e8:
+        raise UsageError(f"--walltime must be a positive number of seconds, not {args.walltime:g}")
     stop = _stop_event()
     nc = await connect(url, f"first-worker-{args.worker_id or args.cluster}", _credentials(config, args))
     w = Worker(
@@ -228,8 +294,13 @@ async def worker(config: cfg.Config, args: argparse.Namespace) -> int:
         make_engine(model),
         worker_id=args.worker_id,
         node_id=args.node_id,
+        drain_at=drain_at(args.walltime, config.worker.walltime_margin_s, started=time.time()),
     )
+    # The scaler's drain or stop on the worker's control subject, or its walltime, ends it as
+    # SIGTERM does (services/worker/control.py).
+    control = Control(nc, w.subjects, w.worker_id, lambda _action, _why: stop.set(), drain_at=w.drain_at)
     try:
+        await control.start()
         starting = asyncio.create_task(w.start())
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
@@ -241,8 +312,10 @@ async def worker(config: cfg.Config, args: argparse.Namespace) -> int:
         if starting.exception() is not None:
             return 1
         await stop.wait()
-        await w.drain()  # SIGTERM: finish what we have, take nothing new
+        if control.action != "stop":
+            await w.drain()  # SIGTERM: finish what we have, take nothing new
     finally:
+        await control.stop()
         await w.stop()
         await close(nc)
     return 0
@@ -266,6 +339,32 @@ async def status(config: cfg.Config, args: argparse.Namespace) -> int:
     return await admin_status.main(config, args)
 
 
+async def services(config: cfg.Config, args: argparse.Namespace) -> int:
+    from services.admin import services as admin_services
+
+    return await admin_services.main(config, args)
+
+
+async def batch(config: cfg.Config, args: argparse.Namespace) -> int:
+    """``first batch serve`` runs the batch service; the other actions are admin commands."""
+    if args.action != "serve":
+        from services.admin import batch as admin_batch
+
+        return await admin_batch.main(config, args)
+    from services.batch.service import BatchService
+
+    subjects = Subjects(config.nats.subject_prefix)
+    return await _run_on_nats(
+        config, args, "first-batch", lambda nc, _url: BatchService(nc, subjects, config)
+    )
+
+
+async def events(config: cfg.Config, args: argparse.Namespace) -> int:
+    from services.admin import events as admin_events
+
+    return await admin_events.main(config, args)
+
+
 async def usage(config: cfg.Config, args: argparse.Namespace) -> int:
     from services.admin import usage as admin_usage
 
@@ -287,6 +386,10 @@ COMMANDS: dict[str, Callable[[cfg.Config, argparse.Namespace], Coroutine]] = {
     "keys": keys,
     "cluster": cluster,
     "usage": usage,
+    "events": events,
+    "batch": batch,
+    "exporter": exporter,
     "status": status,
+    "services": services,
     "nats-auth": nats_auth,
 }

@@ -28,6 +28,7 @@ class Completion:
     finish_reasons: dict[int, str | None] = field(default_factory=dict)
     usage: schema.Usage = field(default_factory=schema.Usage)
     worker_id: str = ""
+    cluster: str = ""  # the worker's
     embeddings: dict[int, bytes] = field(default_factory=dict)  # an embeddings answer: index -> vector
 
 

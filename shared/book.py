@@ -33,9 +33,17 @@ class WorkerEntry:
 class WorkerBook:
     """Workers by id and by model. Expiry runs on a timer (``expire``), not on every lookup."""
 
-    def __init__(self, missed_heartbeats: int = 3, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        missed_heartbeats: int = 3,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        keep_lost: bool = False,
+    ):
         self.missed_heartbeats = missed_heartbeats
         self.clock = clock
+        # Workers that fell silent, until their keeper takes them (``take_lost``): who reports them.
+        self._lost: list[WorkerEntry] | None = [] if keep_lost else None
         self._workers: dict[str, WorkerEntry] = {}
         self._by_model: dict[str, dict[str, WorkerEntry]] = {}
 
@@ -63,8 +71,16 @@ class WorkerBook:
             if now - e.last_seen > e.beat.interval_s * self.missed_heartbeats
         ]
         for wid in gone:
+            if self._lost is not None and len(self._lost) < 10_000:
+                self._lost.append(self._workers[wid])
             self.forget(wid)
         return gone
+
+    def take_lost(self) -> list[WorkerEntry]:
+        """The workers expired since the last call (with ``keep_lost``)."""
+        self.expire()
+        lost, self._lost = self._lost or [], [] if self._lost is not None else None
+        return lost
 
     def forget(self, worker_id: str) -> None:
         entry = self._workers.pop(worker_id, None)

@@ -31,6 +31,13 @@ def child_process_options() -> dict[str, Any]:
     return options
 
 
+def detached_process_options() -> dict[str, Any]:
+    """For a child that must outlive its parent (the scaler's local worker nodes: a scaler that
+    dies leaves them serving, and the next one adopts them): a session of its own, no death
+    signal. Its parent stops it explicitly, on an orderly shutdown."""
+    return {"start_new_session": True}
+
+
 async def stop_process(proc: asyncio.subprocess.Process | None, *, grace_s: float) -> None:
     """SIGTERM, then SIGKILL if it has not exited within ``grace_s``; waits for the exit either way."""
     if proc is None or proc.returncode is not None:

@@ -108,6 +108,11 @@ class FirstClient(Lifecycle):
     def max_payload(self) -> int:
         return self.nc.max_payload
 
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not yet answered to the end."""
+        return len(self._calls)
+
     async def start(self) -> None:
         if self._sub is None:
             self._sub = await self.nc.subscribe(
@@ -381,7 +386,7 @@ class FirstClient(Lifecycle):
                 if chunk.usage is not None:
                     result.usage = chunk.usage
             if answer.started is not None:
-                result.worker_id = answer.started.worker_id
+                result.worker_id, result.cluster = answer.started.worker_id, answer.started.cluster
         return result
 
     async def status(self, timeout_s: float = 2.0) -> schema.StatusReply:

@@ -12,7 +12,9 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from shared import provider_config
 from shared.access_config import AuthConfig, LimitsConfig, UsageConfig
+from shared.provider_config import GlobusComputeSettings, PbsSettings, SlurmSettings, check_cluster
 from shared.subjects import DEFAULT_PREFIX, check_token
 
 PosFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -73,6 +75,10 @@ class GatewayConfig(_Cfg):
     body_timeout_s: PosFloat = 30.0
     # Open connections at most; beyond it, a new connection gets 503 with Retry-After and is closed.
     max_connections: PosInt = 1024
+    # The status page (/status): how often the gateway samples queue depth and tokens/s for its
+    # charts, and how far back the charts reach (at most 4096 samples are kept).
+    status_sample_s: Annotated[float, msgspec.Meta(ge=0.1, le=600)] = 5.0
+    status_history_s: Annotated[float, msgspec.Meta(ge=1, le=86_400)] = 900.0
 
 
 class RouterConfig(_Cfg):
@@ -89,6 +95,19 @@ class RouterConfig(_Cfg):
 class ScalerConfig(_Cfg):
     tick_s: PosFloat = 0.5
     start_timeout_s: PosFloat = 900.0  # a node with no heartbeat by then is failed and released
+    # One scaler acts at a time (a lease in JetStream KV); a standby takes over once the lease has
+    # not been renewed for this long. The acting one renews it every lease_ttl_s / 3.
+    lease_ttl_s: Annotated[float, msgspec.Meta(ge=0.5, le=3600)] = 5.0
+    # Nodes beyond the models' min_hot, over all models: given to the models with the most demand.
+    # Unset: no shared budget (each model up to its max_workers).
+    rotating_nodes: NonNegInt | None = None
+    # A cluster whose nodes fail to start (or whose provider fails) gets no new node for
+    # backoff_s, doubled with every failure in a row up to backoff_max_s.
+    backoff_s: PosFloat = 2.0
+    backoff_max_s: PosFloat = 300.0
+    # Start a replacement this long before a worker drains for its node's walltime (while demand
+    # remains), so the new node is serving when the old one goes.
+    replace_ahead_s: NonNegFloat = 600.0
 
 
 class WorkerConfig(_Cfg):
@@ -97,12 +116,21 @@ class WorkerConfig(_Cfg):
     pack_interval_ms: NonNegFloat = 0.0
     drain_timeout_s: PosFloat = 300.0
     engine_start_timeout_s: PosFloat = 900.0
+    # With `first worker --walltime S`: begin draining this long before the walltime ends.
+    walltime_margin_s: NonNegFloat = 300.0
 
 
 class ClusterConfig(_Cfg):
     name: str
-    provider: Literal["local"] = "local"
-    max_nodes: PosInt = 8
+    provider: Literal["local", "slurm", "pbs", "globus_compute"] = "local"
+    # The provider's settings (shared/provider_config.py, docs/providers.md): the table named
+    # after it; a batch provider without one takes its defaults.
+    slurm: SlurmSettings | None = None
+    pbs: PbsSettings | None = None
+    globus_compute: GlobusComputeSettings | None = None
+    max_nodes: PosInt = 8  # worker slots (NATS users <name>-n<i>); a node takes one per worker
+    # The batch job's time limit, passed to its workers (`first worker --walltime`); unset: none.
+    walltime_s: PosFloat | None = None
     allowed_groups: list[str] = msgspec.field(default_factory=list)  # empty: anyone
     allowed_idp_domains: list[str] = msgspec.field(default_factory=list)  # empty: any
 
@@ -140,7 +168,11 @@ class VllmEngine(_Cfg, tag="vllm", tag_field="kind"):
 
     model: str = ""
     port: Port = 0
+    tensor_parallel_size: PosInt = 1  # GPUs one model instance spans (--tensor-parallel-size)
+    max_model_len: NonNegInt = 0  # the context length (--max-model-len); 0: the model's own
     args: list[str] = msgspec.field(default_factory=list)
+    # Variables for the vLLM process on top of the worker's (HF_HUB_OFFLINE, VLLM_* settings).
+    env: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class OpenAIServerEngine(_Cfg, tag="openai", tag_field="kind"):
@@ -159,6 +191,8 @@ class ScalingPolicy(_Cfg):
     min_hot: NonNegInt = 0  # workers kept up even without demand
     max_workers: PosInt = 1
     idle_s: PosFloat = 300.0  # a worker idle this long is released (above min_hot)
+    # Workers on one node (e.g. 4 one-GPU vLLMs on a 4-GPU node); a node is released whole.
+    workers_per_node: PosInt = 1
 
 
 class ModelConfig(_Cfg):
@@ -185,6 +219,47 @@ class ModelConfig(_Cfg):
 _FRAMEWORKS = {"vllm": "vllm", "llamacpp": "llamacpp", "sim": "sim", "openai": "api"}
 
 
+class EventsConfig(_Cfg):
+    """Operator events (shared/events.py), kept in a JetStream stream for ``first events tail``."""
+
+    # Empty: derived from nats.subject_prefix ("first" -> "FIRST_EVENTS"). A JetStream stream name.
+    stream: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,255}$")] = ""
+    retention_days: Annotated[float, msgspec.Meta(gt=0, le=36_500)] = 7.0
+    # The oldest events go first beyond this size.
+    max_megabytes: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1024
+    # Copies JetStream keeps (1 to 5); 0: one at creation, and whatever it has later.
+    replicas: Annotated[int, msgspec.Meta(ge=0, le=5)] = 0
+
+
+class MetricsConfig(_Cfg):
+    """Prometheus metrics (docs/metrics.md): the gateway's /metrics, and the exporter's federation view."""
+
+    gateway: bool = True  # the gateway serves /metrics and counts its requests
+    exporter_host: str = "127.0.0.1"
+    # `first up` also runs the exporter (`first exporter`) on this port; 0: it does not.
+    exporter_port: Port = 0
+
+
+class BatchConfig(_Cfg):
+    """Batch mode (services/batch, docs/batch.md): OpenAI's Files and Batches API on JetStream."""
+
+    max_file_megabytes: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 200  # an uploaded file's size
+    max_active_batches: PosInt = 10  # per user: batches not yet completed, failed, expired or cancelled
+    # Uploaded files, output files and batches are kept this long after their creation.
+    retention_days: Annotated[float, msgspec.Meta(gt=0, le=36_500)] = 30.0
+    # Lines the batch service has on the request path at once, over all batches.
+    max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 256
+    # A line whose batch service vanished is handed out again after this long.
+    ack_wait_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 30.0
+    # How long a line may wait for its answer (queueing and cold starts included) before it is
+    # tried again; it is given up (an error line) when its batch's completion window ends.
+    request_timeout_s: PosFloat = 600.0
+    progress_s: PosFloat = 1.0  # how often a batch's counts are saved and its progress event sent
+    # One batch service runs batches at a time (others stand by): a holder silent this long is
+    # taken to be dead and another takes over.
+    lease_ttl_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 10.0
+
+
 class Config(_Cfg):
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
     gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
@@ -196,6 +271,9 @@ class Config(_Cfg):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
+    batch: BatchConfig = msgspec.field(default_factory=BatchConfig)
+    events: EventsConfig = msgspec.field(default_factory=EventsConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
 
     def model(self, name: str) -> ModelConfig | None:
         """The model of this id, or of this alias."""
@@ -214,7 +292,7 @@ class Config(_Cfg):
 
 # NATS users of the stack itself (shared/natsauth.py); worker slots are <cluster>-n<i>, a site's
 # leaf node connection leaf-<site>.
-_SERVICE_USERS = frozenset({"gateway", "router", "scaler", "core", "ops", "admin"})
+_SERVICE_USERS = frozenset({"gateway", "router", "scaler", "core", "ops", "admin", "batch"})
 
 
 class ConfigError(Exception):
@@ -253,6 +331,27 @@ def _resolve_paths(config: Config, base: Path) -> None:
     nats_cfg.credentials = resolved(nats_cfg.credentials)
     nats_cfg.worker_credentials_dir = resolved(nats_cfg.worker_credentials_dir)
     config.auth.globus.client_secret_file = resolved(config.auth.globus.client_secret_file)
+    for i, cluster in enumerate(config.clusters):
+        for settings in (cluster.slurm, cluster.pbs, cluster.globus_compute):
+            if settings is not None:
+                _resolve_provider_paths(settings, resolved, f"$.clusters[{i}].{cluster.provider}")
+
+
+def _resolve_provider_paths(settings, resolved, where: str) -> None:
+    """A provider table's files, relative to the config; a site's script template is read and checked now."""
+    for name in ("config_path", "credentials_dir", "script_template", "work_dir", "client_credentials_file"):
+        if hasattr(settings, name):
+            setattr(settings, name, resolved(getattr(settings, name)))
+    template = getattr(settings, "script_template", "")
+    if template:
+        try:
+            text = Path(template).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{where}.script_template: cannot read {template}: {exc.strerror}") from None
+        try:
+            provider_config.check_template(text, f"{where}.script_template")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def validate(config: Config) -> None:
@@ -262,6 +361,7 @@ def validate(config: Config) -> None:
     names = [c.name for c in config.clusters]
     for i, name in enumerate(names):
         check_token(name, f"$.clusters[{i}].name")
+        check_cluster(i, config.clusters[i])
     if len(set(names)) != len(names):
         raise ValueError("$.clusters: cluster names must be unique")
     clients = [c.name for c in config.nats.clients]
@@ -288,5 +388,12 @@ def validate(config: Config) -> None:
                 raise ValueError(f"$.models[{i}].clusters: unknown cluster {cluster!r} (known: {names})")
         if m.scaling.min_hot > m.scaling.max_workers:
             raise ValueError(f"$.models[{i}].scaling: min_hot must not exceed max_workers")
+        for cluster in config.clusters_for(m):
+            c = config.cluster(cluster)
+            if c is not None and m.scaling.workers_per_node > c.max_nodes:
+                raise ValueError(
+                    f"$.models[{i}].scaling.workers_per_node: {m.scaling.workers_per_node} workers do"
+                    f" not fit cluster {cluster!r}'s {c.max_nodes} worker slots (max_nodes)"
+                )
         if not config.clusters_for(m):
             raise ValueError(f"$.models[{i}]: no cluster serves this model; add a [[clusters]] entry")

@@ -16,7 +16,16 @@ import nkeys
 import orjson
 
 from shared import config as cfg
-from shared.subjects import Subjects, check_token
+from shared.subjects import (
+    GATEWAY_SERVICE,
+    ROUTER_SERVICE,
+    SCALER_SERVICE,
+    WORKER_SERVICE,
+    Subjects,
+    check_token,
+    service_control,
+    service_discovery,
+)
 
 JS_INFO = "$JS.API.INFO"
 
@@ -54,15 +63,38 @@ def clusters_bucket(config: cfg.Config) -> str:
     return config.nats.subject_prefix.replace(".", "_") + "_clusters"
 
 
+def scaler_bucket(config: cfg.Config, prefix: str = "") -> str:
+    """The JetStream KV bucket of the scaler's node table and its lease (services/scaler);
+    ``prefix``: the subject prefix in use, where it is not the config's (tests)."""
+    return (prefix or config.nats.subject_prefix).replace(".", "_") + "_scaler"
+
+
+def _kv_writer(bucket: str) -> list[str]:
+    """What keeping a KV bucket takes: reading it, creating it, and writing its keys (the
+    acknowledgements come to the writer's inbox)."""
+    stream = f"KV_{bucket}"
+    return [*_kv_reader(bucket), f"$JS.API.STREAM.CREATE.{stream}", f"$KV.{bucket}.>"]
+
+
 def usage_stream(config: cfg.Config) -> str:
     """The JetStream stream of the usage records."""
     return config.usage.stream or config.nats.subject_prefix.replace(".", "_").upper() + "_USAGE"
 
 
+def events_stream(config: cfg.Config) -> str:
+    """The JetStream stream of the operator events."""
+    return config.events.stream or config.nats.subject_prefix.replace(".", "_").upper() + "_EVENTS"
+
+
 def _kv_reader(bucket: str) -> list[str]:
-    """What watching and reading a KV bucket takes: its stream's info, an ordered consumer on it
-    (created, checked, flow-controlled, deleted) and direct gets."""
+    """What watching and reading a KV bucket takes: its stream's reader's rights and direct gets."""
     stream = f"KV_{bucket}"
+    return [*_stream_reader(stream), f"$JS.API.DIRECT.GET.{stream}.>", f"$JS.API.STREAM.MSG.GET.{stream}"]
+
+
+def _stream_reader(stream: str) -> list[str]:
+    """What reading a stream takes: its info, and consumers on it (created, checked,
+    flow-controlled, fetched from, deleted)."""
     return [
         JS_INFO,
         f"$JS.API.STREAM.INFO.{stream}",
@@ -70,10 +102,17 @@ def _kv_reader(bucket: str) -> list[str]:
         f"$JS.API.CONSUMER.CREATE.{stream}.>",
         f"$JS.API.CONSUMER.DELETE.{stream}.>",
         f"$JS.API.CONSUMER.INFO.{stream}.>",
-        f"$JS.API.DIRECT.GET.{stream}.>",
-        f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>",
         f"$JS.FC.{stream}.>",
     ]
+
+
+def _discoverable(s: Subjects, name: str, instance: str = "") -> list[str]:
+    """What a service needs to be listed by the service API (shared/discovery.py): the discovery
+    requests for all, for its name and for its instances, and its own status endpoint (one
+    instance's where given). It answers them to an inbox only: its role's allow_responses."""
+    status = s.service_status(name, instance) if instance else s.service_status_all(name)
+    return [*service_control(name), status]
 
 
 def _stream_keeper(stream: str) -> list[str]:
@@ -82,12 +121,72 @@ def _stream_keeper(stream: str) -> list[str]:
             f"$JS.API.STREAM.INFO.{stream}"]  # fmt: skip
 
 
+def _stream_user(stream: str) -> list[str]:
+    """What owning a stream takes: keeping it, reading it (durable consumers too), purging it,
+    getting single messages and acknowledging deliveries."""
+    return [
+        *_stream_reader(stream),
+        *_stream_keeper(stream)[1:],
+        f"$JS.API.STREAM.PURGE.{stream}",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.>",
+        f"$JS.ACK.{stream}.>",
+    ]
+
+
+def batch_storage(config: cfg.Config) -> list[str]:
+    """Batch mode's files (Object Store) and batches (KV): the gateway's and the batch service's."""
+    from shared import batchstore
+
+    files, batches = batchstore.files_bucket(config), batchstore.batches_bucket(config)
+    return [
+        *_stream_user(f"OBJ_{files}"),
+        f"$O.{files}.>",
+        *_stream_user(f"KV_{batches}"),
+        f"$KV.{batches}.>",
+    ]
+
+
+def batch_bucket_name(config: cfg.Config) -> str:
+    """The KV bucket of the batches (shared/batchstore.py)."""
+    from shared import batchstore
+
+    return batchstore.batches_bucket(config)
+
+
+def batch_role(config: cfg.Config) -> Role:
+    """The batch service: its streams and buckets, and the request path as the gateway uses it."""
+    from shared import batchstore
+
+    s = Subjects(config.nats.subject_prefix)
+    return Role(
+        "batch",
+        "batch",
+        publish=[
+            s.infer,
+            s.cancel,
+            s.worker_cancel_all,
+            s.status,
+            s.batch_lines_all,
+            s.batch_results_all,
+            s.events_of("batch", "batch"),
+            *batch_storage(config),
+            *_stream_user(batchstore.lines_stream(config)),
+            *_stream_user(batchstore.results_stream(config)),
+        ],
+        subscribe=[s.reply_all, s.router_heartbeat_all, s.worker_runs_all, s.batch_changed],
+    )
+
+
 def service_roles(config: cfg.Config) -> list[Role]:
     """The stack's own services: gateway, router, scaler."""
     s = Subjects(config.nats.subject_prefix)
     keys_reader = _kv_reader(keys_bucket(config))
     clusters_reader = _kv_reader(clusters_bucket(config))  # maintenance: gateways and routers follow it
     usage_keeper = _stream_keeper(usage_stream(config))
+    events_keeper = _stream_keeper(events_stream(config))
     return [
         Role(
             "gateway",
@@ -98,10 +197,26 @@ def service_roles(config: cfg.Config) -> list[Role]:
                 s.worker_cancel_all,
                 s.status,
                 s.limits,
+                s.events_of("limit"),
+                s.events_of("config"),
                 *keys_reader,
                 *clusters_reader,
+                *_kv_reader(scaler_bucket(config)),  # /resource_server/<cluster>/jobs
+                *_stream_reader(events_stream(config)),  # the status page's recent node events
+                *batch_storage(config),  # /v1/files, /v1/batches
+                s.batch_changed,
             ],
-            subscribe=[s.reply_all, s.router_heartbeat_all, s.worker_runs_all, s.limits],
+            # The status page: tokens from the usage records, node events.
+            subscribe=[
+                s.reply_all,
+                s.router_heartbeat_all,
+                s.worker_runs_all,
+                s.limits,
+                s.usage,
+                s.events_of("node"),
+                *_discoverable(s, GATEWAY_SERVICE),
+            ],
+            allow_responses=True,  # discovery answers (shared/discovery.py: to an inbox only)
         ),
         Role(
             "router",
@@ -113,7 +228,10 @@ def service_roles(config: cfg.Config) -> list[Role]:
                 s.reply_all,
                 s.demand,
                 s.router_heartbeat_all,
+                s.events_of("request"),
+                s.events_of("config"),
                 *usage_keeper,
+                *events_keeper,
                 *clusters_reader,
             ],
             subscribe=[
@@ -126,15 +244,23 @@ def service_roles(config: cfg.Config) -> list[Role]:
                 s.router_all,
                 s.demand,
                 s.node_events,
+                *_discoverable(s, ROUTER_SERVICE),
             ],
-            allow_responses=True,  # status answers go to the asker's inbox
+            allow_responses=True,  # status and discovery answers go to the asker's inbox
         ),
         Role(
             "scaler",
             "scaler",
-            publish=[s.node_events, *clusters_reader],  # no new nodes in a cluster under maintenance
-            subscribe=[s.heartbeat_all, s.demand],
+            publish=[
+                *(s.events_of(kind) for kind in ("node", "worker", "scale", "config")),
+                *clusters_reader,  # no new nodes in a cluster under maintenance
+                s.worker_control_all,  # drain and stop the workers of the nodes it releases
+                *_kv_writer(scaler_bucket(config)),  # its node table and lease
+            ],
+            subscribe=[s.heartbeat_all, s.demand, *_discoverable(s, SCALER_SERVICE)],
+            allow_responses=True,  # discovery answers (shared/discovery.py: to an inbox only)
         ),
+        batch_role(config),
     ]
 
 
@@ -145,9 +271,21 @@ def worker_role(config: cfg.Config, cluster: str, index: int) -> Role:
     return Role(
         wid,
         "worker",
-        publish=[s.reply_all, s.heartbeat(cluster, wid), s.worker_runs(wid), s.usage],
-        subscribe=[s.worker_infer(wid), s.worker_cancel(wid), s.worker_cancel_users(wid)],
-        allow_responses=True,  # its DispatchReply, to the router that sent the request
+        publish=[
+            s.reply_all,
+            s.heartbeat(cluster, wid),
+            s.worker_runs(wid),
+            s.usage,
+            s.events_of("worker", wid),
+        ],
+        subscribe=[
+            s.worker_infer(wid),
+            s.worker_cancel(wid),
+            s.worker_cancel_users(wid),
+            s.worker_control(wid),  # the scaler's drain and stop
+            *_discoverable(s, WORKER_SERVICE, wid),
+        ],
+        allow_responses=True,  # its DispatchReply, to the router that sent the request; discovery
     )
 
 
@@ -164,16 +302,25 @@ def client_role(config: cfg.Config, user: str) -> Role:
 
 
 def ops_role(config: cfg.Config) -> Role:
-    """Operators' read-only view: beats, demand, node events, usage, status, maintenance."""
+    """Operators' read-only view: beats, demand, events (live and the stream), usage, status,
+    maintenance."""
     s = Subjects(config.nats.subject_prefix)
     return Role(
         "ops",
         "ops",
-        publish=[s.status, *_kv_reader(clusters_bucket(config))],  # first status reads maintenance
+        publish=[
+            s.status,
+            *_kv_reader(clusters_bucket(config)),  # first status reads maintenance
+            *_kv_reader(scaler_bucket(config)),  # and the scaler's nodes
+            *_stream_reader(events_stream(config)),  # first events tail
+            *_kv_reader(batch_bucket_name(config)),  # first batch status
+            *service_discovery(),  # first services, nats micro ls|info|stats
+            s.service_status_any,
+        ],
         subscribe=[
             s.heartbeat_all,
             s.demand,
-            s.node_events,
+            s.events_all,
             s.usage,
             s.router_heartbeat_all,
             s.worker_runs_all,
@@ -276,10 +423,14 @@ def leaf_role(config: cfg.Config, site: str, clusters: list[str]) -> Role:
     leaf. It is exactly what the site's worker slots need: their dispatches and cancels in; their
     answers, beats, runs and usage out, and their accept/refuse answers to the routers."""
     s = Subjects(config.nats.subject_prefix)
-    workers = combined(leaf_user(site), *site_worker_roles(config, clusters))
+    slots = site_worker_roles(config, clusters)
+    workers = combined(leaf_user(site), *slots)
     # nats-server does not extend allow_responses to a leaf connection: a worker's accept/refuse
     # would be dropped at the hub. The link may answer any router's dispatch (<p>.v1.router.*.ack.*).
-    return Role(workers.name, "leaf", [*workers.publish, s.router_ack_any], workers.subscribe)
+    # Nor could it carry a worker's discovery answers: the hub's discovery requests stay at the hub.
+    discovery = {p for r in slots for p in _discoverable(s, WORKER_SERVICE, r.name)}
+    asked = [p for p in workers.subscribe if p not in discovery]
+    return Role(workers.name, "leaf", [*workers.publish, s.router_ack_any], asked)
 
 
 def leafnode_listener(*, host: str, port: int) -> dict:

@@ -1,4 +1,5 @@
-"""Wire messages: every message on a FIRST subject is one of these msgspec Structs, msgpack-encoded.
+"""Wire messages: every message on a FIRST subject is one of these msgspec Structs, msgpack-encoded
+(operator events excepted: JSON, see Event).
 
 Evolution rules (so old and new services can run side by side during a rolling upgrade):
 new fields get defaults, existing field types never change, unknown fields are ignored
@@ -21,7 +22,8 @@ import msgspec
 Endpoint = Literal["chat", "completion", "embedding"]
 Priority = Literal["interactive", "batch"]
 WorkerState = Literal["starting", "loading", "ready", "draining", "stopped"]
-NodeState = Literal["requested", "running", "failed", "stopping", "stopped"]
+# queued: the batch system holds the job (its reason says why); requested: not confirmed yet.
+NodeState = Literal["requested", "queued", "running", "failed", "stopping", "stopped"]
 ModelState = Literal["live", "starting", "queued", "offline"]
 
 # A single subject token (worker ids, cluster names, request ids) and a whole subject.
@@ -218,6 +220,18 @@ class Heartbeat(_Msg, tag="heartbeat"):
     node_id: Annotated[str, msgspec.Meta(max_length=128)] = ""
     sent: float = 0.0
     framework: Annotated[str, msgspec.Meta(max_length=64)] = ""  # what serves it: vllm, llamacpp, sim, api
+    # When (unix s) the worker begins to drain because its node's walltime ends (0: no walltime):
+    # the scaler starts a replacement ahead of it while demand remains.
+    drain_at: Annotated[float, msgspec.Meta(ge=0, le=1e11)] = 0.0
+
+
+class WorkerControl(_Msg, tag="worker_control"):
+    """Scaler -> one worker, on its control subject: ``drain`` (take nothing new, finish what it
+    runs, exit) or ``stop`` (exit now; runs not yet answering go back to their callers)."""
+
+    action: Literal["drain", "stop"]
+    reason: ShortText = ""
+    sent: float = 0.0
 
 
 class RunsBeat(_Msg, tag="runs"):
@@ -257,13 +271,63 @@ class Demand(_Msg, tag="demand"):
     cluster: Annotated[str, msgspec.Meta(max_length=128)] = ""  # requests pinned to it; "": any cluster
 
 
-class NodeEvent(_Msg, tag="node_event"):
-    node_id: str
-    cluster: str
-    model: str
-    provider: str
+# --- operator events: JSON on <p>.v1.events.<kind>.<name>.<source> (shared/events.py) ---------
+
+_Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+_Id = Annotated[str, msgspec.Meta(max_length=256)]
+
+
+class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Something an operator cares about: a node requested, a worker lost, requests held, a limit
+    hit. The one message that is JSON, not msgpack: events are few, and ``nats sub`` and
+    ``nats stream view`` show them as text. Kinds and names: docs/protocol.md, "Events"."""
+
+    kind: _Name  # node, worker, scale, request, limit, batch, config
+    name: _Name  # what happened: requested, running, lost, held, hit, progress ...
+    time: float  # unix seconds
+    source: Token  # who says so: "scaler", a router's, gateway's or worker's id, "batch"
+    cluster: _Id = ""
+    model: _Id = ""
+    node_id: _Id = ""
+    worker_id: _Id = ""
+    request_id: _Id = ""
+    user: _Id = ""
+    reason: ShortText = ""
+    data: Annotated[dict[str, object], msgspec.Meta(max_length=64)] = msgspec.field(default_factory=dict)
+
+
+# --- the scaler's state in JetStream KV (services/scaler/nodetable.py, lease.py) ---------------
+
+UnixTime = Annotated[float, msgspec.Meta(ge=0, le=1e11)]
+
+
+class NodeEntry(_Msg, tag="node"):
+    """One node the scaler asked a provider for, under ``node.<node_id>`` in the scaler's bucket:
+    what a restarted or standby scaler adopts, and what /jobs and ``first status`` show."""
+
+    node_id: Token
+    model: Annotated[str, msgspec.Meta(max_length=256)]
+    cluster: Token
+    provider: Annotated[str, msgspec.Meta(max_length=64)]
     state: NodeState
-    reason: str = ""
+    workers: Annotated[list[Token], msgspec.Meta(max_length=256)] = msgspec.field(default_factory=list)
+    reason: ShortText = ""
+    requested_at: UnixTime = 0.0
+    walltime_s: Seconds | None = None
+    job_id: Annotated[str, msgspec.Meta(max_length=512)] = ""  # the provider's handle (adopt)
+    job_state: Annotated[str, msgspec.Meta(max_length=64)] = ""  # the scheduler's own word: PENDING
+    host: Annotated[str, msgspec.Meta(max_length=512)] = ""
+    nodes_reserved: Count = 1
+    estimated_start: UnixTime | None = None  # where the scheduler gives one
+    updated: UnixTime = 0.0
+
+
+class ScalerLease(_Msg, tag="scaler_lease"):
+    """Who acts as the scaler (key ``lease``): renewed with a revision-checked update; a standby
+    takes it over when its revision stops moving for ``ttl_s``. ``holder`` empty: handed back."""
+
+    holder: Annotated[str, msgspec.Meta(max_length=128)]
+    ttl_s: Interval
     sent: float = 0.0
 
 
@@ -330,6 +394,94 @@ class StatusReply(_Msg, tag="status_reply"):
     models: list[ModelStatus]
 
 
+# --- batch mode: files in the Object Store, batches in KV, lines and results in streams --------
+# (shared/batchstore.py, services/batch, docs/batch.md)
+
+BatchStatus = Literal[
+    "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
+]
+BatchEndpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+UserName = Annotated[str, msgspec.Meta(max_length=256)]
+
+
+class FileRecord(msgspec.Struct, omit_defaults=True):
+    """An uploaded or output file: JSON in its Object Store entry's description."""
+
+    id: Token
+    owner: UserName  # Identity.user of who uploaded it (or whose batch wrote it)
+    filename: ShortText
+    purpose: Annotated[str, msgspec.Meta(max_length=64)]
+    bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
+    created_at: int = 0
+    expires_at: int = 0
+
+
+class BatchError(msgspec.Struct, omit_defaults=True):
+    """Why a batch failed as a whole (OpenAI's ``errors.data[]``)."""
+
+    code: ShortText
+    message: ShortText
+    line: int | None = None
+    param: ShortText | None = None
+
+
+class BatchRecord(msgspec.Struct, omit_defaults=True):
+    """One batch, as kept in the batches KV bucket (key ``<owner key>.<batch id>``). The gateway
+    creates it and may move it to cancelling; the batch service moves it on from there."""
+
+    id: Token
+    owner: UserName
+    input_file_id: Token
+    endpoint: BatchEndpoint
+    completion_window: Annotated[str, msgspec.Meta(max_length=16)]
+    created_at: int
+    expires_at: int
+    status: BatchStatus = "validating"
+    identity: Identity | None = None  # who the lines run as (None: anonymous)
+    metadata: dict[str, str] | None = None
+    # FIRST's batch route: the model every line runs on, and the cluster it is pinned to.
+    model: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    cluster: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    framework: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    total: Count = 0
+    completed: Count = 0
+    failed: Count = 0
+    output_file_id: str = ""
+    error_file_id: str = ""
+    errors: list[BatchError] = msgspec.field(default_factory=list)
+    in_progress_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+
+
+class BatchChanged(_Msg, tag="batch_changed"):
+    """Gateway -> batch service: the batch under this KV key was created or asked to cancel."""
+
+    key: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}\.[A-Za-z0-9_-]{1,128}$")]
+
+
+class BatchLine(_Msg, tag="batch_line"):
+    """One valid input line, queued for the request path."""
+
+    line: Count  # its number in the input file, from 1
+    custom_id: Annotated[str, msgspec.Meta(max_length=4096)]
+    model: Annotated[str, msgspec.Meta(max_length=256)]
+    endpoint: Endpoint
+    body: bytes  # the line's ``body``, as the user wrote it
+
+
+class BatchResult(_Msg, tag="batch_result"):
+    """One line's answer or error, as the JSON line of the output (ok) or error file."""
+
+    line: Count
+    ok: bool
+    output: bytes
+
+
 # One encoder and one decoder per subject's union, built once at import.
 encoder = msgspec.msgpack.Encoder()
 encode = encoder.encode
@@ -342,8 +494,16 @@ heartbeat_decoder = msgspec.msgpack.Decoder(Heartbeat)
 router_beat_decoder = msgspec.msgpack.Decoder(RouterBeat)
 runs_beat_decoder = msgspec.msgpack.Decoder(RunsBeat)
 demand_decoder = msgspec.msgpack.Decoder(Demand)
-node_event_decoder = msgspec.msgpack.Decoder(NodeEvent)
+worker_control_decoder = msgspec.msgpack.Decoder(WorkerControl)
+node_entry_decoder = msgspec.msgpack.Decoder(NodeEntry)
+scaler_lease_decoder = msgspec.msgpack.Decoder(ScalerLease)
+event_decoder = msgspec.json.Decoder(Event)
 usage_decoder = msgspec.msgpack.Decoder(UsageRecord)
 admitted_decoder = msgspec.msgpack.Decoder(AdmittedRequests)
 status_request_decoder = msgspec.msgpack.Decoder(StatusRequest)
 status_reply_decoder = msgspec.msgpack.Decoder(StatusReply)
+batch_record_decoder = msgspec.msgpack.Decoder(BatchRecord)
+batch_changed_decoder = msgspec.msgpack.Decoder(BatchChanged)
+batch_line_decoder = msgspec.msgpack.Decoder(BatchLine)
+batch_result_decoder = msgspec.msgpack.Decoder(BatchResult)
+file_record_decoder = msgspec.json.Decoder(FileRecord)

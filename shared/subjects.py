@@ -27,6 +27,38 @@ def check_token(value: str, what: str) -> str:
     return value
 
 
+# NATS's service API (nats.micro; shared/discovery.py): outside our prefix, because that is where
+# `nats micro ls|info|stats` ask: $SRV.<VERB>, $SRV.<VERB>.<name>, $SRV.<VERB>.<name>.<instance>.
+SERVICE_API = "$SRV"
+SERVICE_VERBS = ("PING", "INFO", "STATS")
+GATEWAY_SERVICE, ROUTER_SERVICE = "first-gateway", "first-router"
+SCALER_SERVICE, WORKER_SERVICE = "first-scaler", "first-worker"
+
+
+def service_control(name: str) -> list[str]:
+    """What a service of this name answers on: each verb asked of all, of its name, of one instance."""
+    check_token(name, "service name")
+    return [f"{SERVICE_API}.{v}{tail}" for v in SERVICE_VERBS for tail in ("", f".{name}", f".{name}.*")]
+
+
+def service_discovery() -> list[str]:
+    """What someone who discovers services asks on: the same three forms, for any name. Nothing
+    else under $SRV: no one here answers there."""
+    return [f"{SERVICE_API}.{v}{tail}" for v in SERVICE_VERBS for tail in ("", ".*", ".*.*")]
+
+
+def service_request(verb: str, name: str = "", instance: str = "") -> str:
+    """One discovery request: ``$SRV.PING``, ``$SRV.INFO.first-router``, ``$SRV.STATS.<name>.<id>``."""
+    if verb not in SERVICE_VERBS:
+        raise ValueError(f"verb {verb!r} is not one of {', '.join(SERVICE_VERBS)}")
+    parts = [SERVICE_API, verb]
+    if name:
+        parts.append(check_token(name, "service name"))
+        if instance:
+            parts.append(check_token(instance, "service instance"))
+    return ".".join(parts)
+
+
 @dataclass(frozen=True, slots=True)
 class Subjects:
     """Subject names under one prefix. ``Subjects("first").infer == "first.v1.infer"``."""
@@ -66,6 +98,15 @@ class Subjects:
     # Worker -> callers it runs requests for: RunsBeat, its liveness and what it holds.
     def worker_runs(self, worker_id: str) -> str:
         return f"{self.root}.worker.{check_token(worker_id, 'worker id')}.runs"
+
+    # Scaler -> one worker: WorkerControl (drain and exit, or stop). Only the scaler may publish
+    # here and only that worker reads it, so providers that cannot signal a node can release it.
+    def worker_control(self, worker_id: str) -> str:
+        return f"{self.root}.worker.{check_token(worker_id, 'worker id')}.control"
+
+    @property
+    def worker_control_all(self) -> str:
+        return f"{self.root}.worker.*.control"
 
     @property
     def worker_cancel_all(self) -> str:
@@ -159,15 +200,70 @@ class Subjects:
     def demand(self) -> str:
         return f"{self.root}.demand"
 
-    # Scaler -> routers, operators: nodes requested, running, failed, stopped.
+    # Operator events (JSON, shared/events.py): <kind>.<name>.<source>, e.g.
+    # first.v1.events.node.running.scaler. JetStream keeps them (the events stream).
+    def event(self, kind: str, name: str, source: str) -> str:
+        return (
+            f"{self.root}.events.{check_token(kind, 'event kind')}.{check_token(name, 'event name')}"
+            f".{check_token(source, 'event source')}"
+        )
+
+    @property
+    def events_all(self) -> str:
+        return f"{self.root}.events.>"
+
+    def events_of(self, kind: str, source: str = "*") -> str:
+        """A kind's events; from one source only where given (what a role may publish)."""
+        if source != "*":
+            check_token(source, "event source")
+        return f"{self.root}.events.{check_token(kind, 'event kind')}.*.{source}"
+
+    # Scaler -> routers, operators: nodes requested, queued, running, failed, released.
     @property
     def node_events(self) -> str:
-        return f"{self.root}.events.node"
+        return self.events_of("node")
 
     # Anyone -> routers (queue group): the models and their live status.
     @property
     def status(self) -> str:
         return f"{self.root}.status"
+
+    # Operators -> one service instance: its micro ``status`` endpoint (shared/discovery.py).
+    def service_status(self, name: str, instance: str) -> str:
+        return f"{self.root}.service.{check_token(name, 'service name')}.{check_token(instance, 'instance')}.status"
+
+    def service_status_all(self, name: str) -> str:
+        return f"{self.root}.service.{check_token(name, 'service name')}.*.status"
+
+    @property
+    def service_status_any(self) -> str:
+        return f"{self.root}.service.*.*.status"
+
+    # Batch mode (shared/batchstore.py). Gateway -> batch service: a batch was created or asked
+    # to cancel (BatchChanged); the service also rescans, so a lost nudge only delays.
+    @property
+    def batch_changed(self) -> str:
+        return f"{self.root}.batch.changed"
+
+    # The batch service's work queue: one message per valid input line, one subject per batch.
+    def batch_lines(self, batch_id: str) -> str:
+        return f"{self.root}.batch.lines.{check_token(batch_id, 'batch id')}"
+
+    @property
+    def batch_lines_all(self) -> str:
+        return f"{self.root}.batch.lines.*"
+
+    # Each input line's one result (the stream keeps at most one per subject), until the batch's
+    # output files are written.
+    def batch_result(self, batch_id: str, line: int) -> str:
+        return f"{self.root}.batch.results.{check_token(batch_id, 'batch id')}.{line:d}"
+
+    def batch_results(self, batch_id: str) -> str:
+        return f"{self.root}.batch.results.{check_token(batch_id, 'batch id')}.*"
+
+    @property
+    def batch_results_all(self) -> str:
+        return f"{self.root}.batch.results.*.*"
 
     # Per-caller stream subject: where routers and workers send a request's answer.
     def reply_stream(self, client_id: str, request_id: str) -> str:

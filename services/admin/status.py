@@ -1,6 +1,7 @@
 """``first status [--watch [SECONDS]] [--json]``: the deployment as the routers see it, for an
 operator at a terminal: each model (status, workers, slots in use, queued, nodes starting) and
-each cluster (workers, slots in use, maintenance), asked of one router over NATS.
+each cluster (workers, slots in use, maintenance), asked of one router over NATS; the scaler's
+nodes (batch jobs) from its node table in JetStream KV.
 
 Every failure is one line on stderr and exit status 2; with ``--watch`` a failed refresh is shown
 in place of the tables and the watch goes on (the routers may be restarting).
@@ -19,13 +20,15 @@ import nats.errors
 import orjson
 from nats.aio.client import Client as NATS
 
+from services.admin import events as admin_events
 from services.admin import target
-from shared import clusterstate, errors, schema
+from shared import clusterstate, errors, events, natsauth, nodes, schema, streams
 from shared import config as cfg
 from shared.connect import ConnectFailed
 from shared.subjects import Subjects
 
 _TIMEOUT_S = 3.0
+_EVENTS = 8  # the newest events shown
 
 
 class Failed(Exception):
@@ -73,7 +76,17 @@ async def _snapshot(nc: NATS, config: cfg.Config) -> dict:
     except msgspec.DecodeError as exc:
         raise Failed(f"a router sent an undecodable status: {exc}") from None
     return {"at": time.time(), "router_id": reply.router_id, "models": _models(reply),
-            "clusters": _clusters(reply, config, await _maintenance(nc, config))}  # fmt: skip
+            "clusters": _clusters(reply, config, await _maintenance(nc, config)),
+            "nodes": await _nodes(nc, config, reply),
+            "events": await _events(nc, config)}  # fmt: skip
+
+
+async def _events(nc: NATS, config: cfg.Config) -> list[dict]:
+    """The newest operator events (shared/events.py), or none where the stream cannot be read."""
+    try:
+        return [msgspec.to_builtins(e) for e in await events.newest(nc, config, _EVENTS)]
+    except (nats.errors.Error, TimeoutError, streams.StreamError):
+        return []
 
 
 async def _maintenance(nc: NATS, config: cfg.Config) -> dict[str, str]:
@@ -84,6 +97,19 @@ async def _maintenance(nc: NATS, config: cfg.Config) -> dict[str, str]:
         return {} if kv is None else await clusterstate.read_all(kv)
     except (nats.errors.Error, TimeoutError, errors.FirstError):
         return {}  # JetStream off, or no permission to read it: not shown
+
+
+async def _nodes(nc: NATS, config: cfg.Config, reply: schema.StatusReply) -> list[dict]:
+    """The scaler's nodes (its node table), each in FIRST's job fields (shared/nodes.py); none
+    where the table cannot be read (no scaler yet, no permission)."""
+    table = await nodes.try_read_nodes(nc.jetstream(timeout=_TIMEOUT_S), natsauth.scaler_bucket(config))
+    states = {w.worker_id: w.state for m in reply.models for w in m.workers}
+    out = []
+    for entry in table or []:
+        model = config.model(entry.model)
+        framework = model.framework if model is not None else ""
+        out.append(nodes.job_info(entry, framework, nodes.model_status(entry, states)))
+    return out
 
 
 def _models(reply: schema.StatusReply) -> list[dict]:
@@ -130,6 +156,17 @@ def _show(view: dict, args: argparse.Namespace) -> int:
     print(_table(["CLUSTER", "WORKERS", "SLOTS", "NODES", "MAINTENANCE"],
                  [[c["cluster"], c["workers"], f"{c['slots_in_use']}/{c['slots']}", f"{c['workers']}/{c['max_nodes']}",
                    c["maintenance"] or "-"] for c in view["clusters"]]))  # fmt: skip
+    if view.get("nodes"):
+        print()
+        print(_table(["NODE", "MODEL", "CLUSTER", "STATUS", "JOB", "STATE", "HOST", "WORKERS", "WALLTIME",
+                      "REASON"],
+                     [[n["Node ID"], n["Models"], n["Cluster"], n["Model Status"], n["Job ID"], n["Job State"],
+                       n.get("Host Name", "-"), n["Workers"], n.get("Walltime", "-"),
+                       n.get("Job Comments", "-")[:60]] for n in view["nodes"]]))  # fmt: skip
+    if view.get("events"):
+        print("\nNEWEST EVENTS")
+        for e in view["events"]:
+            print(admin_events.line(msgspec.convert(e, schema.Event), colour=sys.stdout.isatty()))
     return 0
 
 

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from services.gateway import embeddings, first_routes, handlers, keys, limits, openapi
+from services.gateway import (
+    batches,
+    embeddings,
+    files,
+    first_routes,
+    handlers,
+    keys,
+    limits,
+    openapi,
+    status_page,
+)
 from services.gateway.auth import auth_ctx, auth_middleware
+from services.gateway.discovery import discovery_ctx
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.middleware import request_middleware
 from services.gateway.server import serve
 from shared.client import FirstClient, LocalRouter
 from shared.config import Config
 from shared.connect import close, connect
+from shared.events import EventPublisher
 from shared.subjects import Subjects
 
 
@@ -34,6 +47,11 @@ async def _nats_ctx(app: web.Application):
     )
     await client.start()
     app[keys.NC], app[keys.CLIENT] = nc, client
+    app[keys.EVENTS] = events = EventPublisher(nc, client.subjects, f"gateway-{client.client_id}")
+    await events.emit(
+        "config", "loaded", models=[m.id for m in config.models], clusters=[c.name for c in config.clusters],
+        auth=list(config.auth.methods),
+    )  # fmt: skip
     yield
     await client.stop()
     if local_router is None:
@@ -55,6 +73,10 @@ def create_app(
     if local_router is not None:
         app[keys.LOCAL_ROUTER] = local_router
     app.cleanup_ctx.append(_nats_ctx)
+    app.cleanup_ctx.append(discovery_ctx)  # nats micro ls, first services
+    if config.metrics.gateway:
+        app[keys.METRICS] = GatewayMetrics(config, lambda: app.get(keys.NC))
+        app.router.add_get("/metrics", handlers.metrics)
     app.cleanup_ctx.append(auth_ctx)
     if limits.enabled(config):
         app.cleanup_ctx.append(limits.limits_ctx)
@@ -70,6 +92,9 @@ def create_app(
     app.router.add_post("/resource_server/v1/completions", handlers.completions)
     app.router.add_post("/resource_server/v1/embeddings", embeddings.embeddings)
     first_routes.add_routes(app)
+    status_page.add_routes(app)  # /status, /status.json
+    files.add_routes(app)  # batch mode: /v1/files, /v1/batches (docs/batch.md)
+    batches.add_routes(app)
     app.router.add_get("/openapi.json", openapi.handler())
     return app
 

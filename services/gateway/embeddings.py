@@ -11,6 +11,7 @@ from aiohttp import web
 
 from services.gateway import handlers, keys, limits
 from services.gateway.body import read_json_body
+from services.gateway.metrics import Outcome
 from services.gateway.middleware import REQUEST_ID_HEADER, json_response
 from services.gateway.protocol import ModelName, decode_request
 from services.worker.engines.vectors import MAX_INPUTS, inputs, unpack
@@ -28,6 +29,7 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
 
 async def embeddings(request: web.Request, cluster: str = "") -> web.Response:
     """``cluster``: FIRST's pinned path (services/gateway/first_routes.py checked the cluster)."""
+    outcome = request[keys.OUTCOME] = Outcome("embedding")  # observed by the middleware at the end
     await read_json_body(request)
     raw = await request.read()
     req = decode_request(raw, EmbeddingRequest)
@@ -40,6 +42,7 @@ async def embeddings(request: web.Request, cluster: str = "") -> web.Response:
         name, "embedding", raw, request_id=request_id, identity=who, cluster=cluster
     )
     limits.spent(request, identity, name, result.usage, 0)
+    outcome.cluster, outcome.prompt_tokens = result.cluster, result.usage.prompt_tokens
     data = []
     for index in sorted(result.embeddings):
         vector = result.embeddings[index]

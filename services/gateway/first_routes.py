@@ -9,10 +9,13 @@ services/gateway/handlers.py once the body is read); routers then run it on that
 Clusters under maintenance come from the bucket ``first cluster maintenance`` writes
 (shared/clusterstate.py), followed here as in every router.
 
-FIRST builds ``/jobs`` from ``qstat`` on the cluster; here it comes from what the routers know
-(heartbeats and node events, ``StatusReply``): a worker that is ready is a running job, one still
-loading a starting one; a model whose requests wait with no worker of it on the cluster is queued,
-and a model with nothing at all is stopped. Only what the caller may use is shown.
+FIRST builds ``/jobs`` from ``qstat`` on the cluster; here it comes from the scaler's node table
+(shared/nodes.py: each node a job with its batch job id, state, host, walltime and the scheduler's
+reason) and what the routers know (heartbeats, ``StatusReply``): a node whose worker is ready is a
+running job, one whose workers still load a starting one, one the batch system holds a queued one;
+a worker no scaler started is a job of its own; a model whose requests wait with no worker of it on
+the cluster is queued, and a model with nothing at all is stopped. Only what the caller may use is
+shown.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from aiohttp import web
 from services.gateway import embeddings, handlers, keys
 from services.gateway.middleware import json_response
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
-from shared import access, clusterstate, errors, schema
+from shared import access, clusterstate, errors, natsauth, nodes, schema
 from shared.config import ClusterConfig, Config, ModelConfig
 from shared.limits import limits_for
 
@@ -94,20 +97,37 @@ async def jobs(request: web.Request) -> web.Response:
         live = {m.id: m for m in (await request.app[keys.CLIENT].status()).models}
     except errors.FirstError:
         live = {}  # no router answers: nothing is known to run
+    # The scaler's nodes (batch jobs) on this cluster, from its node table.
+    table = await nodes.try_read_nodes(request.app[keys.NC].jetstream(), natsauth.scaler_bucket(config))
+    on_cluster = [n for n in table or [] if n.cluster == cluster.name]
     for model in _models_on(cluster, identity, config):
         here = [w for w in (live[model.id].workers if model.id in live else []) if w.cluster == cluster.name]
+        states = {w.worker_id: w.state for w in here}
+        jobs_of = [n for n in on_cluster if n.model == model.id]
+        for node in jobs_of:
+            state = nodes.model_status(node, states)
+            out[_JOB_LISTS.get(state, "others")].append(nodes.job_info(node, model.framework, state))
+        on_nodes = {w for n in jobs_of for w in n.workers}
         for w in here:
-            state = "running" if w.state == "ready" else "starting"
-            out["running"].append(_job(model, cluster, state, job_id=w.worker_id, job_state="R"))
+            if w.worker_id not in on_nodes:  # a worker no scaler started (`first worker` by hand)
+                state = "running" if w.state == "ready" else "starting"
+                out["running"].append(_job(model, cluster, state, job_id=w.worker_id, job_state="R"))
         status = live.get(model.id)
-        if not here and status is not None and status.state in ("queued", "starting"):
+        if here or jobs_of:
+            continue
+        if status is not None and status.state in ("queued", "starting"):
             out["queued"].append(_job(model, cluster, "queued", job_state="Q"))
-        elif not here:
+        else:
             out["stopped"].append(_job(model, cluster, "stopped"))
-    # A worker is a node; those of models the caller may not see are taken all the same.
-    nodes_in_use = sum(1 for s in live.values() for w in s.workers if w.cluster == cluster.name)
-    out["cluster_status"] = {"free_nodes": max(0, cluster.max_nodes - nodes_in_use)}
+    # A worker slot is a NATS user; those of models the caller may not see are taken all the same.
+    slots = {w.worker_id for s in live.values() for w in s.workers if w.cluster == cluster.name}
+    slots |= {w for n in on_cluster if n.state not in ("stopped", "failed") for w in n.workers}
+    out["cluster_status"] = {"free_nodes": max(0, cluster.max_nodes - len(slots))}
     return json_response(out)
+
+
+# Where a node of each model status goes in FIRST's /jobs answer.
+_JOB_LISTS = {"running": "running", "starting": "running", "queued": "queued"}
 
 
 def _job(model: ModelConfig, cluster: ClusterConfig, state: str, **ids: str) -> dict:

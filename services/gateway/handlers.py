@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 import structlog
 from aiohttp import web
 
 from services.gateway import keys, limits
 from services.gateway.body import read_json_body
+from services.gateway.metrics import CLIENT_CLOSED, Outcome
 from services.gateway.middleware import REQUEST_ID_HEADER, json_response
 from services.gateway.protocol import (
     SESSION_HEADER,
@@ -35,6 +38,7 @@ async def _infer(
     request: web.Request, endpoint: schema.Endpoint, kind: type[msgspec.Struct], cluster: str = ""
 ) -> web.StreamResponse:
     """``cluster``: FIRST's pinned paths (services/gateway/first_routes.py checked the cluster)."""
+    outcome = request[keys.OUTCOME] = Outcome(endpoint)  # observed by the middleware at the end
     await read_json_body(request)  # 415 unless JSON; 408 if the body trickles; then kept for read()
     raw = await request.read()
     req = parse_request(raw, kind)
@@ -57,12 +61,14 @@ async def _infer(
             session=session,
         )
         limits.spent(request, identity, name, result.usage, 0)
+        outcome.cluster, outcome.prompt_tokens = result.cluster, result.usage.prompt_tokens
+        outcome.completion_tokens = result.usage.completion_tokens
         return json_response(shape.completion(result), headers={REQUEST_ID_HEADER: request_id})
 
     response: web.StreamResponse | None = None
     framer = ChunkFramer(shape)
     keepalive_s = request.app[keys.CONFIG].gateway.sse_keepalive_s
-    usage, streamed = None, 0
+    usage, streamed, first_at = None, 0, 0.0
     async with client.open(
         name,
         endpoint,
@@ -78,6 +84,8 @@ async def _infer(
             async for chunk in answer:
                 if chunk is not None:
                     usage, streamed = chunk.usage or usage, streamed + len(chunk.deltas)
+                    if not first_at:  # the time to first token, for the metrics
+                        first_at = time.monotonic()
                 if response is None:
                     # Headers go out with the first tokens (or once the wait is long enough to need
                     # keep-alives), so queueing and engine errors that come earlier keep their status.
@@ -94,13 +102,17 @@ async def _infer(
         except errors.FirstError as exc:
             if response is None:
                 raise
+            outcome.status = exc.status  # the stream's status line said 200; the metrics say this
             await response.write_eof(error_events(exc))
         except ConnectionResetError:
             # The client went away mid-stream; leaving the block cancels the request on the worker.
             structlog.get_logger().info("client_disconnected")
+            outcome.status = CLIENT_CLOSED
             return response
         finally:
             limits.spent(request, identity, name, usage, streamed)
+            outcome.answered(answer.started, usage, streamed)
+            outcome.first_at = first_at
     if response is None:
         raise errors.EngineError("the answer ended before it began")
     await response.write_eof()  # a no-op when the last chunk already ended the body
@@ -186,6 +198,12 @@ async def first_whoami(request: web.Request) -> web.Response:
             "auth_service": "globus" if identity.kind.startswith("globus") else identity.kind,
         }
     )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus's scrape (services/gateway/metrics.py; docs/metrics.md)."""
+    body, content_type = request.app[keys.METRICS].exposition()
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def health(request: web.Request) -> web.Response:

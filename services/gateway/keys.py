@@ -5,10 +5,12 @@ from __future__ import annotations
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
+from services.gateway.metrics import GatewayMetrics, Outcome
 from shared import schema
 from shared.client import FirstClient, LocalRouter
 from shared.clusterstate import MaintenanceFollower
 from shared.config import Config
+from shared.events import EventPublisher
 
 CONFIG = web.AppKey("config", Config)
 MODELS = web.AppKey("models", dict)  # model id -> shared.config.ModelConfig
@@ -19,6 +21,8 @@ CLIENT = web.AppKey("client", FirstClient)
 AUTHENTICATORS = web.AppKey("authenticators", list)  # services.gateway.auth.base.Authenticator
 LOCAL_ROUTER = web.AppKey("local_router", LocalRouter)  # only where a router runs in this process
 MAINTENANCE = web.AppKey("maintenance", MaintenanceFollower)  # clusters under maintenance
+EVENTS = web.AppKey("events", EventPublisher)  # this gateway's operator events
+METRICS = web.AppKey("metrics", GatewayMetrics)  # unless metrics.gateway = false
 
 # Per request: set by the middleware and the handlers, read by the one log line per request.
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -26,3 +30,5 @@ MODEL = web.RequestKey("model", str)
 IDENTITY = web.RequestKey("identity", schema.Identity)  # set by the auth middleware
 # Headers every answer to the request carries, error or not (the limits' x-ratelimit-*).
 ANSWER_HEADERS = web.RequestKey("answer_headers", list)
+# An inference request's outcome for the metrics, filled by its handler (services/gateway/metrics.py).
+OUTCOME = web.RequestKey("outcome", Outcome)

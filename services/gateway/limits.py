@@ -42,7 +42,14 @@ def admit(request: web.Request, identity: schema.Identity, model: str) -> None:
         return
     request[keys.ANSWER_HEADERS] = rate_headers(verdict.standing)
     if verdict.refusal:
+        if (metrics := request.app.get(keys.METRICS)) is not None:
+            metrics.refused(model)
         wait = verdict.retry_after_s
+        if (events := request.app.get(keys.EVENTS)) is not None:  # one a minute per user and model
+            events.post(
+                60.0, f"{identity.user}:{model}", "limit", "hit", model=model, user=identity.user,
+                reason=verdict.refusal, retry_after_s=round(wait, 3),
+            )  # fmt: skip
         raise errors.RateLimited(f"{verdict.refusal}; try again in {wait:.1f} s.", retry_after_s=wait)
 
 

@@ -16,6 +16,7 @@ from structlog.contextvars import bind_contextvars
 
 from services.gateway import keys
 from services.gateway.clip import clip
+from services.gateway.metrics import CLIENT_CLOSED
 from services.gateway.protocol import error_body
 from shared import errors
 from shared.client import new_id
@@ -52,6 +53,12 @@ def _from_http(exc: web.HTTPException) -> errors.FirstError:
     return err
 
 
+def _observe(request: web.Request, status: int, started: float, ended: float) -> None:
+    """An inference request's metrics, observed once, at its end (services/gateway/metrics.py)."""
+    if (outcome := request.get(keys.OUTCOME)) is not None and (metrics := request.app.get(keys.METRICS)):
+        metrics.observe(outcome, request.get(keys.MODEL), status, started, ended)
+
+
 @web.middleware
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     # Our id is always fresh: it names the request's NATS subjects, so two clients that send the
@@ -67,6 +74,9 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     bind_contextvars(service="gateway", request_id=request_id, **client_id)
     try:
         response = await handler(request)
+    except asyncio.CancelledError:  # the caller left before its answer began (server.py)
+        _observe(request, CLIENT_CLOSED, started, time.monotonic())
+        raise
     except errors.FirstError as exc:
         response = error_response(exc)
     except web.HTTPException as exc:
@@ -80,6 +90,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         response.headers[REQUEST_ID_HEADER] = request_id
         if extra := request.get(keys.ANSWER_HEADERS):
             response.headers.extend(extra)  # names set nowhere else: no merge needed
+    ended = time.monotonic()
+    _observe(request, response.status, started, ended)
     # Everything the client chose is clipped: a line per request must stay a line. Written once
     # the response is on its way (call_soon keeps this context, and so the request id).
     asyncio.get_running_loop().call_soon(
@@ -90,7 +102,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             path=clip(request.path),
             status=response.status,
             model=clip(request.get(keys.MODEL)),
-            seconds=round(time.monotonic() - started, 4),
+            seconds=round(ended - started, 4),
         )
     )
     return response

@@ -24,14 +24,16 @@ from services.router.affinity import Sessions
 from services.router.dispatch import Dispatches, Pending
 from services.router.holding import Held, Queues
 from services.router.registry import Registry
+from services.router.request_events import RequestEvents
 from services.router.status import ClusterView
-from shared import clusterstate, errors, schema
+from shared import clusterstate, errors, events, schema
 from shared import config as cfg
 from shared.cancels import Cancels
 from shared.children import cancel_and_wait
 from shared.connect import unsubscribe
+from shared.discovery import Registration
 from shared.lifecycle import Lifecycle
-from shared.subjects import ROUTERS_QUEUE, Subjects
+from shared.subjects import ROUTER_SERVICE, ROUTERS_QUEUE, Subjects
 from shared.supervise import Throttle, every, guarded
 
 _TICK_S = 0.1  # housekeeping: dispatch timeouts, queue deadlines, heartbeats, demand
@@ -58,6 +60,7 @@ class Router(Lifecycle):
         self._cancelled = Cancels()
         self._published: dict[tuple[str, str], int] = {}  # the length each queue's last Demand said
         self.maintenance = clusterstate.MaintenanceFollower(nc, config, self._maintenance_changed)
+        self.request_events = RequestEvents(events.EventPublisher(nc, subjects, self.router_id))
         self._ack_prefix = subjects.router_ack(self.router_id, 0)[:-1]
         self._next_beat = self._next_demand = 0.0
         self._bad_input = Throttle()
@@ -65,6 +68,11 @@ class Router(Lifecycle):
         self._task = None
         self._subs: list = []
         self._infer_subs: list = []
+        self.dispatched = self.held_total = 0  # requests sent to workers; requests that waited here
+        self.discovery = Registration(
+            nc, subjects, ROUTER_SERVICE, description="FIRST router: queues requests, dispatches to workers",
+            counters=self._counters, metadata={"router_id": self.router_id}, instance=self.router_id,
+        )  # fmt: skip
         self._log = structlog.get_logger().bind(service="router", router_id=self.router_id)
 
     async def start(self) -> None:
@@ -86,6 +94,8 @@ class Router(Lifecycle):
         ]
         self._task = asyncio.create_task(every(_TICK_S, self._housekeeping, name="router"), name="router")
         await self.maintenance.start()
+        await self.request_events.events.emit("config", "loaded", models=list(self.queues))
+        await self.discovery.start()
         self._log.info("router_started", models=list(self.queues))
 
     async def stop(self) -> None:
@@ -93,6 +103,7 @@ class Router(Lifecycle):
         router at once), wait briefly for dispatches on their way, then leave."""
         if self._task is None:
             return
+        await self.discovery.stop()
         await unsubscribe(self._infer_subs)
         await self.maintenance.stop()
         for (model, cluster), queue in self.held.all():
@@ -183,6 +194,7 @@ class Router(Lifecycle):
                 f"too many requests are waiting for '{model.id}'", retry_after_s=self.settings.retry_after_s
             )
             await self._send(request.reply_to, err.to_wire(rid, request.attempt))
+            await self.request_events.failed(request, err.code, err.message)
             return
         self.dispatches.admitted(rid, request.attempt)
         now = time.monotonic()
@@ -219,6 +231,7 @@ class Router(Lifecycle):
             position = queue.push(held)
         if not held.announced:
             held.announced = True
+            self.held_total += 1
             r = held.request
             accepted = schema.Accepted(
                 r.request_id, self.router_id, position, self.settings.heartbeat_s, r.attempt
@@ -234,6 +247,7 @@ class Router(Lifecycle):
 
     async def _dispatch(self, held: Held, worker_id: str) -> None:
         held.dispatches += 1
+        self.dispatched += 1
         self.sessions.served(held.request, worker_id)
         n = self.dispatches.add(held, worker_id)
         self.registry.dispatched(worker_id)
@@ -300,6 +314,7 @@ class Router(Lifecycle):
         # worker after all (its answer was lost). The worker has it: that is an acceptance.
         if reply.accepted or (reply.reason == schema.DUPLICATE and held.dispatches > 1):
             self.dispatches.handed(request.request_id, request.attempt, wid)
+            self.dispatches.accepted(held, wid)
             self._log.debug(
                 "request_routed", worker_id=wid, model=request.model, request_id=request.request_id
             )
@@ -314,11 +329,11 @@ class Router(Lifecycle):
             return
         self.registry.refused(wid)
         await self._hold(held, front=True)
-            self.dispatches.accepted(held, wid)
         await self._drain(request.model, request.cluster)
 
     async def _retry(self, r: schema.InferRequest, reason: str) -> None:
         await self._send(r.reply_to, schema.Retry(r.request_id, r.attempt, reason))
+        await self.request_events.retried(r, reason)
 
     async def _send(self, subject: str, message: msgspec.Struct) -> None:
         with contextlib.suppress(nats.errors.Error):
@@ -373,7 +388,7 @@ class Router(Lifecycle):
     @guarded
     async def _on_node_event(self, msg) -> None:
         with contextlib.suppress(msgspec.DecodeError):
-            self.view.observe_node(schema.node_event_decoder.decode(msg.data))
+            self.view.observe_node(events.decode(msg.data))
 
     @guarded
     async def _on_status(self, msg) -> None:
@@ -384,6 +399,12 @@ class Router(Lifecycle):
         with contextlib.suppress(nats.errors.Error):
             await msg.respond(schema.encode(reply))
 
+    def _counters(self) -> dict:
+        """For the service API's stats and status (shared/discovery.py)."""
+        return {"requests_dispatched": self.dispatched, "requests_held": self.held_total,
+                "held_now": sum(len(q) for _, q in self.held.all()), "dispatches_unanswered": len(self.dispatches),
+                "workers": len(self.registry.workers()), "models": list(self.queues)}  # fmt: skip
+
     # --- periodic ------------------------------------------------------------------------------
 
     async def _publish_demand(self, model: str, cluster: str = "", *, force: bool = False) -> None:
@@ -392,6 +413,7 @@ class Router(Lifecycle):
         if not force and self._published.get((model, cluster)) == len(queue):
             return
         self._published[(model, cluster)] = len(queue)
+        await self.request_events.queue_changed(model, cluster, len(queue))
         demand = schema.Demand(
             router_id=self.router_id,
             model=model,
@@ -416,6 +438,7 @@ class Router(Lifecycle):
                 await self._send(
                     held.request.reply_to, err.to_wire(held.request.request_id, held.request.attempt)
                 )
+                await self.request_events.failed(held.request, err.code, err.message)
         if now >= self._next_beat:
             self._next_beat = now + self.settings.heartbeat_s
             held = sum(len(q) for _, q in self.held.all()) + len(self.dispatches)
@@ -424,8 +447,11 @@ class Router(Lifecycle):
         if now >= self._next_demand:
             # Forget silent workers; repeat demand while requests wait, so a restarted scaler hears it.
             self._next_demand = now + _DEMAND_INTERVAL_S
+            self.dispatches.forget_started()
             for wid in self.registry.expire():
                 self._log.warning("worker_lost", worker_id=wid)
+                for request in self.dispatches.lost(wid):  # its caller may be watching only us
+                    await self._retry(request, f"worker {wid} was lost before the answer began")
             for (model, cluster), queue in self.held.all():
                 if queue:
                     await self._publish_demand(model, cluster, force=True)
@@ -439,6 +465,3 @@ class Router(Lifecycle):
         self.registry.refused(pending.worker_id)
         self._log.warning("dispatch_timeout", worker_id=pending.worker_id, request_id=request.request_id)
         await self._retry(pending.held.request, f"worker {pending.worker_id} did not answer in time")
-            self.dispatches.forget_started()
-                for request in self.dispatches.lost(wid):  # its caller may be watching only us
-                    await self._retry(request, f"worker {wid} was lost before the answer began")

@@ -27,10 +27,12 @@ class ClusterView:
         self.demand = DemandBook(
             clock, max_per_router=config.router.max_queue
         )  # other routers' held requests
-        self._nodes: dict[str, tuple[schema.NodeEvent, float]] = {}  # node id -> (event, seen)
+        self._nodes: dict[str, tuple[schema.Event, float]] = {}  # node id -> (event, seen)
 
-    def observe_node(self, event: schema.NodeEvent) -> None:
-        if event.state in ("requested", "running"):
+    def observe_node(self, event: schema.Event) -> None:
+        if not event.node_id or len(self._nodes) >= 100_000:  # bounded, whatever the input
+            self._nodes.pop(event.node_id, None)
+        elif event.name in ("requested", "queued", "running"):
             self._nodes[event.node_id] = (event, self.clock())
         else:
             self._nodes.pop(event.node_id, None)

@@ -59,3 +59,37 @@ def decide(policy: cfg.ScalingPolicy, capacity: int, view: ModelView) -> Decisio
     )
     surplus = active - desired
     return Decision(stop=tuple(w.node_id for w in idle[:surplus]), desired=desired)
+
+
+def share_rotating(wants: dict[str, tuple[int, float]], free: int) -> dict[str, int]:
+    """The rotating-node budget (``scaler.rotating_nodes``) for this tick: ``wants`` maps each model
+    to (rotating nodes it would start, its demand: queued plus in flight). The models with the
+    most demand get theirs first, until ``free`` nodes are given out."""
+    granted: dict[str, int] = {}
+    for model, (nodes, _demand) in sorted(wants.items(), key=lambda item: (-item[1][1], item[0])):
+        granted[model] = give = min(nodes, max(0, free))
+        free -= give
+    return granted
+
+
+def node_budget(
+    plans: list[tuple[cfg.ModelConfig, ModelView, Decision]], live: dict[str, int], rotating: int | None
+) -> dict[str, int]:
+    """Nodes each model may start this tick (model -> nodes) under ``scaler.rotating_nodes``
+    (``rotating``; None: no budget, an empty answer): what min_hot needs always (the always-hot
+    models), and rotating nodes, beyond min_hot over all models, to the models with the most
+    demand. ``live``: the nodes each model holds, not on their way out."""
+    if rotating is None:
+        return {}
+    hot, wants, in_use = {}, {}, 0
+    for model, view, decision in plans:
+        k = model.scaling.workers_per_node
+        hot_nodes = math.ceil(model.scaling.min_hot / k)
+        held = live.get(model.id, 0)
+        in_use += max(0, held - hot_nodes)
+        starts = math.ceil(decision.start / k)
+        hot[model.id] = min(starts, max(0, hot_nodes - held))
+        demand = view.queued + sum(w.in_flight for w in view.workers)
+        wants[model.id] = (starts - hot[model.id], demand)
+    granted = share_rotating(wants, rotating - in_use)
+    return {m: hot[m] + granted.get(m, 0) for m in hot}

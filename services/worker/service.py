@@ -25,8 +25,10 @@ from shared import schema
 from shared.book import RecentIds
 from shared.cancels import Cancels, native_user
 from shared.connect import unsubscribe
+from shared.discovery import Registration
+from shared.events import EventPublisher
 from shared.lifecycle import Lifecycle
-from shared.subjects import Subjects
+from shared.subjects import WORKER_SERVICE, Subjects
 from shared.supervise import Throttle, guarded
 
 
@@ -49,11 +51,13 @@ class Worker(Lifecycle):
         *,
         worker_id: str = "",
         node_id: str = "",
+        drain_at: float = 0.0,
     ):
         self.nc, self.subjects, self.settings = nc, subjects, settings
         self.model, self.cluster, self.engine = model, cluster, engine
         self.worker_id = worker_id or default_worker_id(cluster, model.id)
         self.node_id = node_id
+        self.drain_at = drain_at  # unix s it drains at for its node's walltime (0: none)
         self.state: schema.WorkerState = "starting"
         self._tasks: dict[str, asyncio.Task] = {}  # run key (request id:attempt) -> its task
         self._owners: dict[str, str] = {}  # run key -> its NATS-native caller, if it has one
@@ -78,6 +82,13 @@ class Worker(Lifecycle):
         self._started = False
         self._throttle = Throttle()
         self._log = structlog.get_logger().bind(worker_id=self.worker_id, model=model.id)
+        self._events = EventPublisher(nc, subjects, self.worker_id)
+        self.served = 0  # runs that ended, however
+        self.discovery = Registration(
+            nc, subjects, WORKER_SERVICE, description="FIRST worker: one engine's worth of serving",
+            counters=self._counters, instance=self.worker_id,
+            metadata={"worker_id": self.worker_id, "cluster": cluster, "model": model.id, "node_id": node_id},
+        )  # fmt: skip
 
     @property
     def in_flight(self) -> int:
@@ -89,12 +100,15 @@ class Worker(Lifecycle):
         if self._started:
             return
         self._started = True
+        await self.discovery.start()  # listed while its engine loads, too
         self._heartbeat_task = asyncio.create_task(self._heartbeats(), name="worker-heartbeats")
         self._subs += [
             await self.nc.subscribe(self._cancel_subject, cb=self._on_cancel),
             await self.nc.subscribe(self.subjects.worker_cancel_users(self.worker_id), cb=self._on_cancel),
         ]
         self._set_state("loading")
+        await self._event("starting", engine=self.engine.name)
+        loading = time.monotonic()
         try:
             async with asyncio.timeout(self.settings.engine_start_timeout_s):
                 await self.engine.start()
@@ -110,12 +124,20 @@ class Worker(Lifecycle):
         )
         self._set_state("ready")
         self._log.info("worker_ready", cluster=self.cluster, engine=self.engine.name)
+        await self._event("ready", engine=self.engine.name, load_s=round(time.monotonic() - loading, 3))
+
+    async def _event(self, name: str, reason: str = "", **data) -> None:
+        await self._events.emit(
+            "worker", name, cluster=self.cluster, model=self.model.id, worker_id=self.worker_id,
+            node_id=self.node_id, reason=reason, **data,
+        )  # fmt: skip
 
     async def drain(self) -> None:
         """Take no new requests, finish the ones in flight (up to drain_timeout_s), then stop."""
         if self.state in ("draining", "stopped"):
             return
         self._set_state("draining")
+        await self._event("draining", in_flight=self.in_flight)
         await self._unsubscribe_infer()
         if self._tasks:
             self._log.info("worker_draining", in_flight=self.in_flight)
@@ -130,6 +152,7 @@ class Worker(Lifecycle):
         if self.state == "stopped":
             return
         self.state = "stopped"
+        await self.discovery.stop()
         await self._unsubscribe_infer()
         await unsubscribe(self._subs)
         for task in list(self._tasks.values()):
@@ -143,11 +166,17 @@ class Worker(Lifecycle):
         with contextlib.suppress(nats.errors.Error):
             await self._publish_heartbeat()  # "stopped": routers forget this worker at once
         await self.engine.stop()
+        await self._event("stopped")
         self._log.info("worker_stopped")
 
     async def _unsubscribe_infer(self) -> None:
         sub, self._infer_sub = self._infer_sub, None
         await unsubscribe([sub] if sub else [])
+
+    def _counters(self) -> dict:
+        """For the service API's stats and status (shared/discovery.py)."""
+        return {"state": self.state, "in_flight": self.in_flight, "capacity": self.model.capacity,
+                "served": self.served}  # fmt: skip
 
     # --- heartbeats ----------------------------------------------------------------------------
 
@@ -203,6 +232,7 @@ class Worker(Lifecycle):
             node_id=self.node_id,
             sent=time.time(),
             framework=self.model.framework,
+            drain_at=self.drain_at,
         )
         await self.nc.publish(self.subjects.heartbeat(self.cluster, self.worker_id), schema.encode(beat))
 
@@ -260,6 +290,7 @@ class Worker(Lifecycle):
         was_full = self.in_flight >= self.model.capacity
         self._tasks.pop(key, None)
         self._owners.pop(key, None)
+        self.served += 1
         self._last_done = time.monotonic()
         if was_full:
             self._beat_now.set()  # a slot opened: routers holding requests should hear it now

@@ -88,6 +88,12 @@ engine = {{ kind = "sim", ttft_ms = 1, itl_ms = 1, load_s = 1.5 }}
 scaling = {{ min_hot = 0, max_workers = 3 }}
 
 [[models]]
+id = "sim/evented"
+clusters = ["sophia"]
+engine = {{ kind = "sim", ttft_ms = 1, itl_ms = 1, load_s = 0.3 }}
+scaling = {{ min_hot = 0, max_workers = 1 }}
+
+[[models]]
 id = "sim/pair"
 capacity = 2
 engine = {{ kind = "sim", ttft_ms = 1, itl_ms = 40 }}

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from shared import schema
+from shared import events, schema
 from tests.support import eventually
 
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -14,14 +14,14 @@ MESSAGES = [{"role": "user", "content": "hello"}]
 
 @pytest.fixture
 async def node_events(sim_stack, first_client):
-    """Every NodeEvent the scaler publishes while the test runs."""
-    events: list[schema.NodeEvent] = []
+    """Every node event the scaler publishes while the test runs."""
+    seen: list[schema.Event] = []
 
     async def on_event(msg):
-        events.append(schema.node_event_decoder.decode(msg.data))
+        seen.append(events.decode(msg.data))
 
     sub = await first_client.nc.subscribe(sim_stack.subjects.node_events, cb=on_event)
-    yield events
+    yield seen
     await sub.unsubscribe()
 
 
@@ -31,7 +31,7 @@ async def test_a_burst_for_a_cold_model_starts_one_node_not_one_per_request(oai,
     ]
     answers = await asyncio.gather(*calls)  # 3 requests fit one worker's 4 slots
     assert [a.usage.completion_tokens for a in answers] == [2, 2, 2]
-    requested = [e.node_id for e in node_events if e.model == "sim/burst" and e.state == "requested"]
+    requested = [e.node_id for e in node_events if e.model == "sim/burst" and e.name == "requested"]
     assert len(requested) == 1, f"nodes requested while one was loading: {requested}"
 
 
@@ -46,7 +46,7 @@ async def test_an_idle_worker_is_released(oai, first_client, node_events):
     await eventually(offline, timeout=10, what="the idle sim/brief worker to be released")
 
     def states():
-        return [e.state for e in node_events if e.model == "sim/brief"]
+        return [e.name for e in node_events if e.model == "sim/brief"]
 
-    await eventually(lambda: states()[-1:] == ["stopped"], timeout=5, what="the node's stopped event")
-    assert states() == ["requested", "running", "stopping", "stopped"]
+    await eventually(lambda: states()[-1:] == ["released"], timeout=5, what="the node's released event")
+    assert states() == ["requested", "running", "stopping", "released"]

@@ -251,7 +251,11 @@ def hostile_messages(s, router_ids: list[str], worker_id: str) -> list[tuple[str
     for payload in junk + demands:
         out.append((s.demand, payload))
     for payload in junk:
-        out += [(s.worker_infer(worker_id), payload), (s.status, payload), (s.node_events, payload)]
+        out += [
+            (s.worker_infer(worker_id), payload),
+            (s.status, payload),
+            (s.event("node", "running", "scaler"), payload),
+        ]
     for router_id in router_ids:
         for payload in junk + acks:
             out += [(s.router_ack_all(router_id).replace("*", "999999"), payload)]

@@ -245,3 +245,49 @@ async def test_embeddings_on_firsts_pinned_path(gateway):
     finally:
         await client.close()
         await wrong.close()
+
+
+async def test_jobs_show_the_scalers_nodes_with_firsts_job_fields(gateway, services, nc, subjects):
+    """A node the scaler asked for is a job: queued with the batch system's reason while it waits,
+    then starting while its worker loads, with its job id, state, workers and nodes reserved."""
+    from services.scaler.service import Scaler
+    from tests.integration.test_scaler_table import TableProvider, demand
+
+    config = federation(subjects)
+    provider = TableProvider()
+    scaler = Scaler(await services.connect(), subjects, config, {"b": provider})
+    await services.stack.enter_async_context(scaler)
+    await demand(nc, subjects, "cold", 1)
+    [spec] = await eventually(lambda: provider.requested, what="a node for cold on b")
+    provider.set(spec.node_id, "queued", "Priority")
+
+    async def listed(kind: str, status: str, job_state: str) -> list | None:
+        code, body = await gateway("/resource_server/b/jobs")
+        found = body.get(kind, []) if code == 200 else []
+        return (
+            found
+            if found and (found[0]["Model Status"], found[0]["Job State"]) == (status, job_state)
+            else None
+        )
+
+    queued = await eventually(lambda: listed("queued", "queued", "QUEUED"), what="the queued job")
+    assert queued == [
+        {"Models": "cold", "Framework": "sim", "Cluster": "b", "Model Status": "queued",
+         "Job ID": f"job-{spec.node_id}", "Job State": "QUEUED", "Node ID": spec.node_id, "Workers": "b-n0",
+         "Nodes Reserved": 1, "Job Comments": "Priority"}
+    ]  # fmt: skip
+
+    provider.set(spec.node_id, "running")
+    loading = asyncio.create_task(
+        services.worker(config, "cold", cluster="b", worker_id=spec.workers[0], node_id=spec.node_id)
+    )
+    try:
+        [job] = await eventually(lambda: listed("running", "starting", "RUNNING"), what="the worker loading")
+        assert (job["Job ID"], job["Workers"]) == (f"job-{spec.node_id}", "b-n0")
+        _, body = await gateway("/resource_server/b/jobs")
+        assert body["queued"] == [] and [j["Models"] for j in body["stopped"]] == ["Open-Model"]
+        assert body["cluster_status"] == {"free_nodes": 7}  # b's 8 slots, one held by the node
+    finally:
+        loading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loading

@@ -274,7 +274,8 @@ async def test_a_leaf_link_carries_only_its_sites_worker_subjects(federation, tm
 
     await eventually(arrived, timeout=10, what="the leaf link to carry polaris-n0's beats")
     await asyncio.sleep(0)  # let stray probes land before the ordered check
-    for subject in (S.heartbeat("sophia", "sophia-n0"), S.demand, S.node_events, S.worker_infer("sophia-n0")):
+    for subject in (S.heartbeat("sophia", "sophia-n0"), S.demand, S.event("node", "running", "scaler"),
+                    S.worker_infer("sophia-n0")):  # fmt: skip
         await rogue.publish(subject, b"forged")
     await rogue.publish(mine, b"last")
     while (msg := await seen.next_msg(timeout=2)).data != b"last":

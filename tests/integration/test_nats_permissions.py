@@ -216,8 +216,9 @@ async def test_a_client_cannot_publish_heartbeats_demand_or_node_events(stack):
     await admin.subscribe(f"{PREFIX}.v1.>", cb=hear)
     await admin.flush()
     alice = await stack.probe("alice")
-    for subject in (S.heartbeat("a", "a-n0"), S.demand, S.node_events, S.usage, S.router_heartbeat("r"),
-                    S.worker_infer("a-n0"), S.router_ack("r", 1)):  # fmt: skip
+    for subject in (S.heartbeat("a", "a-n0"), S.demand, S.event("node", "running", "scaler"), S.usage,
+                    S.router_heartbeat("r"), S.worker_infer("a-n0"), S.router_ack("r", 1),
+                    S.event("worker", "ready", "a-n0"), S.event("limit", "hit", "gateway-x")):  # fmt: skip
         await alice.nc.publish(subject, b"{}")
         await alice.refused("publish", subject)
     beat = S.heartbeat("a", "a-n0")
@@ -231,9 +232,39 @@ async def test_a_worker_takes_only_its_own_dispatches(stack):
                     S.cancel, S.heartbeat_all, S.usage):  # fmt: skip
         await worker.nc.subscribe(subject)
         await worker.refused("subscription", subject)
-    for subject in (S.heartbeat("a", "a-n0"), S.worker_runs("a-n0"), S.demand, S.node_events, S.infer):
+    for subject in (S.heartbeat("a", "a-n0"), S.worker_runs("a-n0"), S.demand, S.infer,
+                    S.event("node", "running", "scaler"), S.event("worker", "ready", "a-n0")):  # fmt: skip
         await worker.nc.publish(subject, b"{}")
         await worker.refused("publish", subject)
+
+
+async def test_only_the_scaler_tells_workers_to_drain_and_keeps_its_node_table(stack):
+    """A worker's control subject: the scaler publishes, that worker alone reads; the scaler's
+    bucket: the scaler writes, ops reads, a worker does neither."""
+    for role in ("alice", "a-n1", "gateway", "router", "ops"):
+        probe = await stack.probe(role)
+        await probe.nc.publish(S.worker_control("a-n0"), b"{}")
+        await probe.refused("publish", S.worker_control("a-n0"))
+    other = await stack.probe("a-n1")
+    await other.nc.subscribe(S.worker_control("a-n0"))
+    await other.refused("subscription", S.worker_control("a-n0"))
+
+    own = await stack.connect("a-n0")
+    got = await own.subscribe(S.worker_control("a-n0"))
+    await own.flush()
+    scaler = await stack.connect("scaler")
+    await scaler.publish(S.worker_control("a-n0"), schema.encode(schema.WorkerControl(action="drain")))
+    assert schema.worker_control_decoder.decode((await got.next_msg(timeout=3)).data).action == "drain"
+
+    bucket = natsauth.scaler_bucket(stack.config)
+    kv = await scaler.jetstream(timeout=3).create_key_value(bucket=bucket, history=1)
+    await kv.put("node.x", b"entry")
+    ops = await stack.connect("ops")
+    assert (await (await ops.jetstream(timeout=3).key_value(bucket)).get("node.x")).value == b"entry"
+    worker = await stack.probe("a-n1")
+    with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+        await worker.nc.jetstream(timeout=1).publish(f"$KV.{bucket}.node.x", b"forged")
+    await worker.refused("publish", f"$KV.{bucket}.node.x")
 
 
 async def test_only_the_stack_touches_jetstream(stack):

@@ -13,6 +13,7 @@ import orjson
 
 from services.scaler.providers.base import NodeProvider, NodeSpec
 from services.scaler.service import Scaler
+from shared import events as shared_events
 from shared import schema
 from tests.integration.conftest import make_config
 from tests.support import eventually
@@ -67,18 +68,18 @@ async def test_a_late_node_is_waited_for_and_not_asked_for_twice(services):
 
     node = provider.requested[0]
     provider.states[node.node_id] = "running"  # the job starts; its worker comes up
-    await services.worker(config, "m", worker_id=node.node_id, node_id=node.node_id)
+    await services.worker(config, "m", worker_id=node.workers[0], node_id=node.node_id)
     results = await asyncio.wait_for(asyncio.gather(*requests), 10)
-    assert [r.worker_id for r in results] == [node.node_id] * 3
+    assert [r.worker_id for r in results] == [node.workers[0]] * 3
 
 
 async def test_a_node_that_never_reports_is_released_and_tried_again(services, nc, subjects):
     config = make_config([{"id": "m", "clusters": ["a"]}], scaler={"tick_s": 0.05, "start_timeout_s": 0.3})
     await services.router(config)
-    events: list[schema.NodeEvent] = []
+    events: list[schema.Event] = []
 
     async def on_event(msg):
-        events.append(schema.node_event_decoder.decode(msg.data))
+        events.append(shared_events.decode(msg.data))
 
     await nc.subscribe(subjects.node_events, cb=on_event)
     provider = BatchQueueProvider()
@@ -91,7 +92,7 @@ async def test_a_node_that_never_reports_is_released_and_tried_again(services, n
     assert provider.stopped == [first]
 
     def released():
-        return next((e for e in events if e.node_id == first and e.state == "stopping"), None)
+        return next((e for e in events if e.node_id == first and e.name == "stopping"), None)
 
     assert "no heartbeat within 0.3 s" in (await eventually(released, what="the stopping event")).reason
     await eventually(lambda: len(provider.requested) == 2, what="a second try after the back-off")

@@ -116,3 +116,63 @@ async def test_no_router_is_one_line_and_exit_2(subjects, nats_url, tmp_path):
     text = f'[nats]\nsubject_prefix = "{subjects.prefix}"\n'
     code, out, err = await first_status(tmp_path, nats_url, text)
     assert (code, out) == (2, "") and err.strip() == "first status: no router is running"
+
+
+async def test_status_shows_the_scalers_nodes_with_their_job_and_reason(
+    services, subjects, nats_url, tmp_path, nc
+):
+    from services.scaler.service import Scaler
+    from tests.integration.test_scaler_table import TableProvider, demand
+
+    text = f"""
+[nats]
+subject_prefix = "{subjects.prefix}"
+[scaler]
+tick_s = 0.05
+[[clusters]]
+name = "a"
+walltime_s = 3600
+[[models]]
+id = "m"
+engine = {{ kind = "sim" }}
+"""
+    config = make_config(
+        [{"id": "m"}], nats={"subject_prefix": subjects.prefix}, scaler={"tick_s": 0.05},
+        clusters=[{"name": "a", "walltime_s": 3600}],
+    )  # fmt: skip
+    await services.router(config)
+    provider = TableProvider()
+    await services.stack.enter_async_context(
+        Scaler(await services.connect(), subjects, config, {"a": provider})
+    )
+    await demand(nc, subjects, "m", 1)
+    [spec] = await eventually(lambda: provider.requested, what="a node request")
+    provider.set(spec.node_id, "queued", "Resources")
+
+    async def node_shown() -> list | None:
+        code, out, err = await first_status(tmp_path, nats_url, text, "--json")
+        assert code == 0, err
+        shown = orjson.loads(out)["nodes"]
+        return shown if shown and shown[0]["Job State"] == "QUEUED" else None
+
+    [node] = await eventually(node_shown, what="the queued node in first status")
+    assert node == {
+        "Models": "m", "Framework": "sim", "Cluster": "a", "Model Status": "queued",
+        "Job ID": f"job-{spec.node_id}", "Job State": "QUEUED", "Node ID": spec.node_id, "Workers": "a-n0",
+        "Nodes Reserved": 1, "Job Comments": "Resources", "Walltime": "01:00:00",
+    }  # fmt: skip
+    code, table, _ = await first_status(tmp_path, nats_url, text)
+    assert code == 0
+    row = [
+        spec.node_id,
+        "m",
+        "a",
+        "queued",
+        f"job-{spec.node_id}",
+        "QUEUED",
+        "-",
+        "a-n0",
+        "01:00:00",
+        "Resources",
+    ]
+    assert row in [line.split() for line in table.splitlines()]

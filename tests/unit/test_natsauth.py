@@ -17,7 +17,7 @@ from services.cli import _parser
 from shared import config as cfg
 from shared import natsauth
 from shared.connect import credential_options
-from shared.subjects import Subjects
+from shared.subjects import Subjects, service_control
 
 
 def _config(**nats) -> cfg.Config:
@@ -36,7 +36,7 @@ def _config(**nats) -> cfg.Config:
 def test_one_user_per_service_worker_slot_client_ops_and_admin():
     roles = natsauth.roles(_config(clients=[{"name": "pipeline", "groups": ["g"]}]))
     assert [(r.name, r.kind) for r in roles] == [
-        ("gateway", "gateway"), ("router", "router"), ("scaler", "scaler"),
+        ("gateway", "gateway"), ("router", "router"), ("scaler", "scaler"), ("batch", "batch"),
         ("polaris-n0", "worker"), ("polaris-n1", "worker"), ("polaris-n2", "worker"),
         ("pipeline", "client"), ("ops", "ops"), ("admin", "admin"),
     ]  # fmt: skip
@@ -44,13 +44,35 @@ def test_one_user_per_service_worker_slot_client_ops_and_admin():
 
 def test_a_worker_slot_may_touch_only_its_own_subjects():
     role = natsauth.worker_role(_config(), "polaris", 1)
-    assert sorted(role.subscribe) == [
+    discovery = [p for p in role.subscribe if p.startswith("$SRV.") or ".v1.service." in p]
+    assert sorted(discovery) == sorted(
+        [*service_control("first-worker"), "first.v1.service.first-worker.polaris-n1.status"]
+    )
+    assert sorted(set(role.subscribe) - set(discovery)) == [
         "first.v1.worker.polaris-n1.cancel",
         "first.v1.worker.polaris-n1.cancel.user.*",
+        "first.v1.worker.polaris-n1.control",
         "first.v1.worker.polaris-n1.infer",
     ]
     assert "first.v1.heartbeat.polaris.polaris-n1" in role.publish
-    assert not [p for p in role.publish if "*" in p.replace("reply.>", "") or p.endswith(".infer")]
+    assert "first.v1.events.worker.*.polaris-n1" in role.publish  # its own events, as itself
+    own = ("reply.>", "events.worker.*.polaris-n1")
+    assert not [
+        p for p in role.publish if "*" in p.replace(own[0], "").replace(own[1], "") or p.endswith(".infer")
+    ]
+
+
+def test_only_the_scaler_may_tell_workers_to_drain_and_only_it_writes_its_node_table():
+    config = _config()
+    roles = {r.name: r for r in natsauth.service_roles(config)}
+    control, table = "first.v1.worker.*.control", "$KV.first_scaler.>"
+    assert control in roles["scaler"].publish and table in roles["scaler"].publish
+    for name, role in roles.items():
+        if name != "scaler":
+            assert not [p for p in role.publish if p.endswith(".control") or p.startswith("$KV.first_scaler")]
+    assert not [p for p in natsauth.worker_role(config, "polaris", 0).publish if "control" in p]
+    ops = natsauth.ops_role(config)
+    assert "$JS.API.DIRECT.GET.KV_first_scaler.>" in ops.publish and table not in ops.publish
 
 
 def test_a_client_submits_cancels_and_reads_as_itself_only():
@@ -112,7 +134,7 @@ async def test_first_nats_auth_adds_users_and_keeps_existing_seeds(tmp_path, cap
     assert await first_nats_auth() == 0
     assert (out / "credentials" / "router.nk").read_bytes() == router_seed
     server = orjson.loads((out / "nats-server.conf").read_bytes())
-    assert len(server["authorization"]["users"]) == 7  # 3 services, 1 slot, pipeline, ops, admin
+    assert len(server["authorization"]["users"]) == 8  # 4 services, 1 slot, pipeline, ops, admin
     assert server["port"] == 4222 and "pipeline" in capsys.readouterr().out
 
 
@@ -123,8 +145,11 @@ def test_a_sites_leaf_link_carries_only_what_its_worker_slots_need():
     role = natsauth.leaf_role(config, "polaris", ["polaris"])
     s = Subjects(config.nats.subject_prefix)
     assert role.name == "leaf-polaris" and s.router_ack_any in role.publish
-    assert set(role.subscribe) == {
-        sub for i in range(2) for sub in natsauth.worker_role(config, "polaris", i).subscribe
+    assert set(role.subscribe) == {  # not the discovery requests: their answers could not come back
+        sub
+        for i in range(2)
+        for sub in natsauth.worker_role(config, "polaris", i).subscribe
+        if not sub.startswith("$SRV.") and ".v1.service." not in sub
     }
     assert not any("sophia" in p for p in role.publish + role.subscribe)
     assert s.infer not in role.subscribe and s.reply_all not in role.subscribe

@@ -58,10 +58,6 @@ MESSAGES = [
     ),
     (schema.Demand(router_id="rt", model="m", queued=3, oldest_wait_s=1.5), schema.demand_decoder),
     (
-        schema.NodeEvent(node_id="n1", cluster="c", model="m", provider="local", state="failed", reason="x"),
-        schema.node_event_decoder,
-    ),
-    (
         schema.AdmittedRequests(
             gateway_id="gw-1", counts=[schema.Admitted("alice", 3, "m"), schema.Admitted("bob", 1)]
         ),
@@ -247,3 +243,29 @@ def test_admitted_requests_refuse_what_would_corrupt_the_counts(hostile):
     raw = {"kind": "admitted", "gateway_id": "gw", **hostile}
     with pytest.raises(msgspec.ValidationError):
         schema.admitted_decoder.decode(msgspec.msgpack.encode(raw))
+
+
+def test_an_event_is_json_that_nats_sub_shows_as_text_and_keeps_its_data():
+    from shared import events
+
+    event = schema.Event(
+        kind="node", name="failed", time=1.5, source="scaler", cluster="c", model="m", node_id="n1",
+        reason="x", data={"provider": "slurm", "job": {"id": "42"}},
+    )  # fmt: skip
+    raw = events.encode(event)
+    assert raw.startswith(b'{"kind":"node","name":"failed"')
+    assert events.decode(raw) == event
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"\x81\xa4kind\xa4node", b'{"kind":"no de","name":"x","time":1,"source":"s"}',
+     b'{"kind":"node","name":"x","time":1,"source":"a.b"}', b'{"kind":"node"}'],
+)  # fmt: skip
+def test_a_malformed_event_fails_to_decode(raw):
+    import msgspec
+
+    from shared import events
+
+    with pytest.raises(msgspec.DecodeError):
+        events.decode(raw)

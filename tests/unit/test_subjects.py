@@ -17,7 +17,7 @@ def all_subjects(s: Subjects) -> list[str]:
         s.demand,
         s.usage,
         s.limits,
-        s.node_events,
+        s.event("node", "running", "scaler"),
         s.status,
         s.reply_stream("c1", "r1"),
         s.reply_stream_all("c1"),
@@ -31,6 +31,8 @@ def all_subjects(s: Subjects) -> list[str]:
         s.worker_cancel_users_all,
         s.worker_infer_all,
         s.worker_runs_all,
+        s.worker_control("w-1"),
+        s.worker_control_all,
         s.router_all,
         s.router_heartbeat_all,
         s.reply_all,
@@ -86,6 +88,7 @@ def test_prefix_parts_are_each_checked(prefix):
         lambda s: s.reply_stream("c", "r.1"),
         lambda s: s.reply_stream(">", "r"),
         lambda s: s.reply_stream_all("c 1"),
+        lambda s: s.worker_control("w.>"),
     ],
 )
 def test_builders_refuse_ids_that_would_change_the_subject_shape(call):
@@ -119,3 +122,21 @@ def test_heartbeat_all_matches_every_workers_heartbeat_and_nothing_else():
     assert _matches(s.heartbeat_all, s.heartbeat("sophia", "w2"))
     assert not _matches(s.heartbeat_all, s.demand)
     assert not _matches(s.heartbeat_all, s.infer)
+
+
+def test_events_carry_kind_name_and_source_so_roles_can_be_held_to_their_own():
+    s = Subjects("first")
+    assert s.event("node", "running", "scaler") == "first.v1.events.node.running.scaler"
+    assert s.events_of("worker", "polaris-n0") == "first.v1.events.worker.*.polaris-n0"
+    assert s.node_events == "first.v1.events.node.*.*"
+    assert s.events_all == "first.v1.events.>"
+    with pytest.raises(ValueError, match="event source"):
+        s.event("node", "running", "a.b")
+
+
+def test_a_workers_control_subject_is_its_own_and_the_scalers_pattern_covers_only_those():
+    s = Subjects("first")
+    assert s.worker_control("a-n0") == "first.v1.worker.a-n0.control"
+    assert _matches(s.worker_control_all, s.worker_control("a-n0"))
+    for other in (s.worker_infer("a-n0"), s.worker_cancel("a-n0"), s.worker_runs("a-n0")):
+        assert not _matches(s.worker_control_all, other)

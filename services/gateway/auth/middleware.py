@@ -12,7 +12,11 @@ from services.gateway.auth.credentials import bearer
 from services.gateway.middleware import Handler
 from shared import errors, schema
 
-PUBLIC = frozenset({"/health", "/openapi.json", "/resource_server/health", "/resource_server/status"})
+# /status is the status page's HTML: its data (/status.json) asks for a key like the API.
+PUBLIC = frozenset(
+    {"/health", "/openapi.json", "/resource_server/health", "/resource_server/status", "/status"}
+    | {"/metrics"}  # Prometheus scrapes without a credential; it shows counts, no caller's identity
+)
 
 
 async def auth_ctx(app: web.Application):

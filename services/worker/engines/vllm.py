@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 
@@ -15,11 +16,17 @@ def vllm_engine(model_id: str, settings: cfg.VllmEngine) -> OpenAIServerEngine:
     vllm = shutil.which("vllm")
     launcher = [vllm] if vllm else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
     argv = [*launcher, "serve", model, "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--served-model-name", model_id, *settings.args]
+    argv += ["--served-model-name", model_id]
+    if settings.tensor_parallel_size > 1:
+        argv += ["--tensor-parallel-size", str(settings.tensor_parallel_size)]
+    if settings.max_model_len:
+        argv += ["--max-model-len", str(settings.max_model_len)]
+    argv += settings.args
+    env = {**os.environ, **settings.env} if settings.env else None  # None: the worker's own
     return OpenAIServerEngine(
         f"http://127.0.0.1:{port}",
         model_id,
         health_path="/health",
         metrics_path="/metrics",
-        process=ServerProcess(argv),
+        process=ServerProcess(argv, env),
     )
