@@ -45,6 +45,15 @@ class StoreError(Exception):
     """JetStream could not do it; the message says what, in one line."""
 
 
+def _why(exc: Exception) -> str:
+    """What a JetStream failure means to an operator, in words."""
+    if isinstance(exc, (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError)):
+        return "JetStream is not enabled on this NATS server (run nats-server with -js)"
+    if isinstance(exc, nats.errors.TimeoutError):
+        return "JetStream did not answer in time"
+    return str(exc) or repr(exc)
+
+
 class FileNotFound(StoreError):
     pass
 
@@ -114,7 +123,7 @@ class Files:
                     ),
                 )
         except (nats.js.errors.Error, nats.errors.Error) as exc:
-            raise StoreError(f"object store {bucket}: {exc!r}") from None
+            raise StoreError(f"object store {bucket}: {_why(exc)}") from None
         return cls(js, store, bucket)
 
     async def put(
@@ -289,7 +298,7 @@ class Batches:
                     )
                 )
         except (nats.js.errors.Error, nats.errors.Error) as exc:
-            raise StoreError(f"KV bucket {bucket}: {exc!r}") from None
+            raise StoreError(f"KV bucket {bucket}: {_why(exc)}") from None
         return cls(kv)
 
     async def create(self, record: schema.BatchRecord) -> None:

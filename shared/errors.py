@@ -123,6 +123,14 @@ class NoCapacity(FirstError):
     code = "no_capacity"
 
 
+class ServiceUnavailable(FirstError):
+    """A part of the service cannot be reached now (JetStream for batch mode, say): try again."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "service_unavailable"
+
+
 class EngineError(FirstError):
     status = 502
     type = "server_error"

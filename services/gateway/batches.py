@@ -19,7 +19,7 @@ from aiohttp import web
 from services.batch.lines import ENDPOINTS
 from services.gateway import keys
 from services.gateway.body import read_json_body
-from services.gateway.files import BATCHES, owned
+from services.gateway.files import batches_of, owned
 from services.gateway.middleware import json_response
 from services.gateway.protocol import decode_request
 from shared import batchstore, errors, schema
@@ -95,7 +95,7 @@ async def create(
         raise errors.BadRequest(
             f"File {upload.id} was not uploaded with purpose 'batch'.", param="input_file_id"
         )
-    batches = request.app[BATCHES]
+    batches = batches_of(request)
     active = [r for r in await batches.of(identity.user) if r.status in batchstore.ACTIVE]
     if len(active) >= config.batch.max_active_batches:
         raise errors.RateLimited(
@@ -133,7 +133,7 @@ async def mine(request: web.Request, batch_id: str) -> tuple[str, schema.BatchRe
     if not _BATCH_ID.fullmatch(batch_id):
         raise errors.NotFound(f"No such Batch object: {batch_id[:128]}", param="batch_id")
     key = batchstore.batch_key(request[keys.IDENTITY].user, batch_id)
-    record = await request.app[BATCHES].get(key)
+    record = await batches_of(request).get(key)
     if record is None:
         raise errors.NotFound(f"No such Batch object: {batch_id}", param="batch_id")
     return key, record
@@ -153,7 +153,7 @@ async def cancel_batch(request: web.Request) -> web.Response:
         return msgspec.structs.replace(r, status="cancelling", cancelling_at=batchstore.now())
 
     try:
-        record = await request.app[BATCHES].update(key, cancelling) or record
+        record = await batches_of(request).update(key, cancelling) or record
     except nats.js.errors.Error as exc:
         raise errors.NoCapacity(
             f"The batch could not be cancelled now ({exc!r}); retry.", retry_after_s=2.0
@@ -167,7 +167,7 @@ async def cancel_batch(request: web.Request) -> web.Response:
 
 
 async def list_batches(request: web.Request) -> web.Response:
-    records = await request.app[BATCHES].of(request[keys.IDENTITY].user)
+    records = await batches_of(request).of(request[keys.IDENTITY].user)
     if after := request.query.get("after"):
         ids = [r.id for r in records]
         records = records[ids.index(after) + 1 :] if after in ids else []

@@ -9,29 +9,73 @@ anyone else it does not exist (404).
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
+import structlog
 from aiohttp import web
 
 from services.gateway import keys
 from services.gateway.middleware import json_response
 from shared import batchstore, errors, schema
 from shared.batchstore import Batches, Files
+from shared.children import cancel_and_wait
+from shared.supervise import Throttle
 
-FILES = web.AppKey("batch_files", Files)
-BATCHES = web.AppKey("batch_batches", Batches)
 MAX_LINE_BYTES = 1 << 20  # a request line must fit in one NATS message
+_RETRY_S = 5.0
 _object = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 
+class Stores:
+    """The files bucket and the batches bucket, once open. A gateway whose NATS has no JetStream
+    (yet) still serves everything else; the Files and Batches routes answer 503 until it does."""
+
+    def __init__(self) -> None:
+        self.files: Files | None = None
+        self.batches: Batches | None = None
+        self.why = "batch mode is starting"
+
+    async def open(self, nc, config) -> None:
+        noise = Throttle()
+        while True:
+            try:
+                self.files = self.files or await Files.open(nc, config)
+                self.batches = await Batches.open(nc, config)
+                return
+            except batchstore.StoreError as exc:
+                self.why = f"batch mode is not available: {exc}"
+                if noise("open"):
+                    structlog.get_logger().warning(
+                        "batch_store_unavailable", error=str(exc), retry_s=_RETRY_S
+                    )
+            await asyncio.sleep(_RETRY_S)
+
+
+STORES = web.AppKey("batch_stores", Stores)
+
+
+def files_of(request: web.Request) -> Files:
+    stores = request.app[STORES]
+    if stores.files is None:
+        raise errors.ServiceUnavailable(f"{stores.why}; try again shortly.", retry_after_s=_RETRY_S)
+    return stores.files
+
+
+def batches_of(request: web.Request) -> Batches:
+    stores = request.app[STORES]
+    if stores.batches is None:
+        raise errors.ServiceUnavailable(f"{stores.why}; try again shortly.", retry_after_s=_RETRY_S)
+    return stores.batches
+
+
 async def batch_ctx(app: web.Application):
-    """The files bucket and the batches bucket, opened (created if new) once the NATS connection is up."""
-    nc, config = app[keys.NC], app[keys.CONFIG]
-    try:
-        app[FILES] = await Files.open(nc, config)
-        app[BATCHES] = await Batches.open(nc, config)
-    except batchstore.StoreError as exc:
-        raise RuntimeError(f"batch mode: {exc}") from None
+    """Open the buckets (creating them if new) once the NATS connection is up, in the background
+    and again until they open: the gateway starts either way."""
+    app[STORES] = stores = Stores()
+    task = asyncio.create_task(stores.open(app[keys.NC], app[keys.CONFIG]), name="batch-stores")
     yield
+    await cancel_and_wait(task)
 
 
 def file_json(f: schema.FileRecord) -> dict:
@@ -101,7 +145,7 @@ async def create_file(request: web.Request) -> web.Response:
             "Send the file as multipart/form-data, with fields `file` and `purpose`."
         ) from None
     purpose, stored = None, None
-    files = request.app[FILES]
+    files = files_of(request)
     try:
         async for part in reader:
             if part.name == "purpose":
@@ -147,7 +191,7 @@ async def create_file(request: web.Request) -> web.Response:
 async def owned(request: web.Request, file_id: str):
     """The caller's file of this id, with its object info; 404 for anyone else's."""
     try:
-        record, info = await request.app[FILES].info(file_id)
+        record, info = await files_of(request).info(file_id)
     except batchstore.FileNotFound:
         raise errors.NotFound(f"No such File object: {file_id}", param="file_id") from None
     if record.owner != request[keys.IDENTITY].user:
@@ -160,7 +204,7 @@ async def list_files(request: web.Request) -> web.Response:
     purpose = request.query.get("purpose")
     mine = [
         f
-        for f in await request.app[FILES].list()
+        for f in await files_of(request).list()
         if f.owner == user and (purpose is None or f.purpose == purpose)
     ]
     mine.sort(key=lambda f: (f.created_at, f.id), reverse=request.query.get("order", "desc") == "desc")
@@ -199,7 +243,7 @@ async def file_content(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     response.content_length = record.bytes
     await response.prepare(request)
-    async for data in request.app[FILES].chunks(info):
+    async for data in files_of(request).chunks(info):
         await response.write(data)
     await response.write_eof()
     return response
@@ -207,7 +251,7 @@ async def file_content(request: web.Request) -> web.StreamResponse:
 
 async def delete_file(request: web.Request) -> web.Response:
     record, _ = await owned(request, request.match_info["file_id"])
-    await request.app[FILES].delete(record.id)
+    await files_of(request).delete(record.id)
     return json_response({"id": record.id, "object": "file", "deleted": True})
 
 

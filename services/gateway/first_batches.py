@@ -18,7 +18,7 @@ from aiohttp import web
 
 from services.gateway import batches, first_routes, handlers, keys
 from services.gateway.body import read_json_body
-from services.gateway.files import BATCHES
+from services.gateway.files import batches_of
 from services.gateway.middleware import json_response
 from services.gateway.protocol import decode_request
 from shared import errors, schema
@@ -77,7 +77,7 @@ async def submit(request: web.Request) -> web.Response:
 
 
 async def listing(request: web.Request) -> web.Response:
-    records = await request.app[BATCHES].of(request[keys.IDENTITY].user)
+    records = await batches_of(request).of(request[keys.IDENTITY].user)
     if wanted := request.query.get("status"):
         records = [r for r in records if r.status == wanted]
     return json_response({"object": "list", "data": [_summary(r) for r in records]})

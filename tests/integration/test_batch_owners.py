@@ -137,3 +137,46 @@ async def test_a_batch_past_its_completion_window_expires(stack, nc):
     batch = await eventually(ended, timeout=10, what="the batch to expire")
     assert batch.status == "expired" and batch.expired_at
     assert batch.request_counts.completed == 0
+
+
+async def test_without_jetstream_the_gateway_serves_and_batch_routes_answer_503_until_it_comes(
+    services, subjects
+):
+    """A NATS server without JetStream: the gateway still starts and answers /v1/models; the Files
+    and Batches routes say 503 with Retry-After (not a hang, not a 500) and why."""
+    import asyncio
+
+    import aiohttp
+
+    from services.gateway.app import create_app
+    from shared.natsserver import find_binary
+    from tests.integration.conftest import make_config
+    from tests.support import free_port
+
+    port = free_port()
+    server = await asyncio.create_subprocess_exec(
+        find_binary(), "-a", "127.0.0.1", "-p", str(port), stderr=asyncio.subprocess.PIPE
+    )  # no -js
+    try:
+        while b"Server is ready" not in await asyncio.wait_for(server.stderr.readline(), 10):
+            pass
+        config = make_config([{"id": "m"}], nats={"subject_prefix": subjects.prefix})
+        url = await services.gateway(create_app(config, f"nats://127.0.0.1:{port}"))
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + "/v1/models") as r:
+                assert r.status == 200
+            for method, path in (
+                ("GET", "/v1/files"),
+                ("GET", "/v1/batches"),
+                ("GET", "/v1/batches/batch_x"),
+            ):
+                async with http.request(method, url + path) as r:
+                    body = await r.json()
+                    assert r.status == 503, (path, body)
+                    assert body["error"]["code"] == "service_unavailable", body
+                    assert body["error"]["message"].startswith("batch mode is not available: "), body
+                    assert "JetStream is not enabled on this NATS server" in body["error"]["message"]
+                    assert r.headers["Retry-After"] == "5"
+    finally:
+        server.terminate()
+        await server.wait()
