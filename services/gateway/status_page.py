@@ -126,6 +126,8 @@ class StatusBoard:
                 ):  # fmt: skip
                     if (event := self._decode_event(stored.data)) is not None:
                         found.append(_event_row(event))
+        except streams.StreamNotFound:
+            return  # no router has made it yet: nothing to recall
         except (streams.StreamError, nats.errors.Error, TimeoutError) as exc:
             _log.warning("status_events_not_recalled", error=str(exc) or type(exc).__name__)
         except Exception:
