@@ -93,7 +93,7 @@ async def node_events(nc, subjects) -> list[schema.Event]:
 
 async def scaler(services, config, providers, **kw) -> Scaler:
     s = Scaler(await services.connect(), services.subjects, config, providers, **kw)
-    await s.start()
+    await services.stack.enter_async_context(s)  # stopped at the test's end, not left running
     return s
 
 
