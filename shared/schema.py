@@ -322,9 +322,10 @@ class NodeEntry(_Msg, tag="node"):
     updated: UnixTime = 0.0
 
 
-class ScalerLease(_Msg, tag="scaler_lease"):
-    """Who acts as the scaler (key ``lease``): renewed with a revision-checked update; a standby
-    takes it over when its revision stops moving for ``ttl_s``. ``holder`` empty: handed back."""
+class Lease(_Msg, tag="lease"):
+    """Who acts (key ``lease`` of the scaler's bucket, of the batches bucket; shared/lease.py):
+    renewed with a revision-checked update; a standby takes it over when its revision stops
+    moving for ``ttl_s``. ``holder`` empty: handed back."""
 
     holder: Annotated[str, msgspec.Meta(max_length=128)]
     ttl_s: Interval
@@ -496,7 +497,7 @@ runs_beat_decoder = msgspec.msgpack.Decoder(RunsBeat)
 demand_decoder = msgspec.msgpack.Decoder(Demand)
 worker_control_decoder = msgspec.msgpack.Decoder(WorkerControl)
 node_entry_decoder = msgspec.msgpack.Decoder(NodeEntry)
-scaler_lease_decoder = msgspec.msgpack.Decoder(ScalerLease)
+lease_decoder = msgspec.msgpack.Decoder(Lease)
 event_decoder = msgspec.json.Decoder(Event)
 usage_decoder = msgspec.msgpack.Decoder(UsageRecord)
 admitted_decoder = msgspec.msgpack.Decoder(AdmittedRequests)

@@ -22,7 +22,6 @@ import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 
-from services.batch import lease as batch_lease
 from services.batch.queues import Queues
 from services.batch.runner import Runner
 from shared import batchstore, schema
@@ -30,6 +29,8 @@ from shared.batchstore import Batches, Files
 from shared.client import FirstClient, LocalRouter
 from shared.config import Config
 from shared.events import EventPublisher
+from shared.lease import KEY as LEASE_KEY
+from shared.lease import Lease
 from shared.lifecycle import Lifecycle
 from shared.subjects import Subjects
 from shared.supervise import every, guarded
@@ -57,7 +58,7 @@ class BatchService(Lifecycle):
         self.batches: Batches | None = None
         self.queues = Queues(nc, subjects, config)
         self.instance = f"batch-{secrets.token_hex(4)}"
-        self.lease: batch_lease.Lease | None = None
+        self.lease: Lease | None = None
         self._sub = None
         self._scan: asyncio.Task | None = None
         self._log = structlog.get_logger()
@@ -67,7 +68,7 @@ class BatchService(Lifecycle):
             return
         self.files = await Files.open(self.nc, self.config)
         self.batches = await Batches.open(self.nc, self.config)
-        self.lease = batch_lease.Lease(self.batches.kv, self.instance, self.config.batch.lease_ttl_s)
+        self.lease = Lease(self.batches.kv, self.instance, self.config.batch.lease_ttl_s, service="batch")
         await self.queues.ensure()
         await self.client.start()
         self._sub = await self.nc.subscribe(self.subjects.batch_changed, cb=self._on_changed)
@@ -116,7 +117,7 @@ class BatchService(Lifecycle):
                 await self._stand_down()
             return
         for key in await self.batches.keys():
-            if key != batch_lease.KEY:
+            if key != LEASE_KEY:
                 await self.reconcile(key)
 
     async def reconcile(self, key: str) -> None:

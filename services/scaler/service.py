@@ -1,6 +1,6 @@
 """The scaler service: every tick, compare each model's demand with its nodes and act through providers.
 
-One scaler acts at a time (services/scaler/lease.py); others stand by, following heartbeats and
+One scaler acts at a time (shared/lease.py); others stand by, following heartbeats and
 demand, and take over when the acting one dies. The node table lives in JetStream KV
 (services/scaler/nodetable.py), so the one that takes over adopts the nodes already there.
 """
@@ -19,7 +19,6 @@ import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 
-from services.scaler.lease import Lease
 from services.scaler.nodetable import NodeRecord, NodeTable, record_of
 from services.scaler.placement import ClusterBackoff, SlotCursor
 from services.scaler.policy import Decision, ModelView, WorkerLoad, decide, node_budget
@@ -30,6 +29,7 @@ from shared.book import DemandBook, WorkerBook
 from shared.connect import unsubscribe
 from shared.discovery import Registration
 from shared.events import EventPublisher
+from shared.lease import Lease
 from shared.lifecycle import Lifecycle
 from shared.subjects import SCALER_SERVICE, Subjects
 from shared.supervise import guarded

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-from services.scaler.lease import KEY, Lease
 from services.scaler.nodetable import NodeTable
 from services.scaler.providers.base import NodeProvider, NodeSpec
 from services.scaler.service import Scaler
 from shared import events as shared_events
 from shared import natsauth, schema
+from shared.lease import KEY, Lease
 from shared.nodes import read_nodes
 from tests.integration.conftest import make_config
 from tests.support import eventually
@@ -113,7 +113,7 @@ async def test_one_scaler_holds_the_lease_and_a_standby_takes_it_only_once_it_st
     # a revision-checked update, fails: it stands down instead of acting beside b.
     taken = await eventually(b.keep, timeout=5, what="the standby to take the lease")
     assert taken and not await a.keep()
-    assert schema.scaler_lease_decoder.decode((await table.kv.get(KEY)).value).holder == "scaler-b"
+    assert schema.lease_decoder.decode((await table.kv.get(KEY)).value).holder == "scaler-b"
 
     await b.hand_back()  # an orderly stop: a takes it without waiting out the ttl
     assert await a.keep()
