@@ -13,16 +13,17 @@ from typing import Any
 import msgspec
 import orjson
 
-from services.gateway.embeddings import EmbeddingRequest
-from services.gateway.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ResponseShape,
-    parse_request,
-)
-from services.worker.engines.vectors import unpack
 from shared import errors, schema
 from shared.answer import Completion
+from shared.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ResponseShape,
+    decode_request,
+    parse_request,
+)
+from shared.vectors import unpack
 
 ENDPOINTS: dict[str, tuple[schema.Endpoint, type[msgspec.Struct]]] = {
     "/v1/chat/completions": ("chat", ChatCompletionRequest),
@@ -95,8 +96,6 @@ class Checker:
 
 
 def _embedding(body: bytes) -> Any:
-    from services.gateway.protocol import decode_request
-
     return decode_request(body, EmbeddingRequest)
 
 

@@ -21,8 +21,8 @@ from services.gateway import keys
 from services.gateway.body import read_json_body
 from services.gateway.files import batches_of, owned
 from services.gateway.middleware import json_response
-from services.gateway.protocol import decode_request
 from shared import batchstore, errors, schema
+from shared.openai_protocol import decode_request
 from shared.subjects import Subjects
 
 _BATCH_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")

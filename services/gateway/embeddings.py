@@ -4,27 +4,15 @@ or base64, from the float32 bytes a worker sends (schema.Embedding)."""
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Any, Literal
 
-import msgspec
 from aiohttp import web
 
 from services.gateway import handlers, keys, limits
 from services.gateway.body import read_json_body
 from services.gateway.metrics import Outcome
 from services.gateway.middleware import REQUEST_ID_HEADER, json_response
-from services.gateway.protocol import ModelName, decode_request
-from services.worker.engines.vectors import MAX_INPUTS, inputs, unpack
-
-
-class EmbeddingRequest(msgspec.Struct, kw_only=True):
-    model: ModelName
-    # A string, a list of strings, a list of token ids, or a list of lists of token ids (msgspec
-    # takes one list type in a union: vectors.inputs checks the items).
-    input: str | Annotated[list[Any], msgspec.Meta(min_length=1, max_length=MAX_INPUTS)]
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    user: str | None = None
+from shared.openai_protocol import EmbeddingRequest, decode_request
+from shared.vectors import inputs, unpack
 
 
 async def embeddings(request: web.Request, cluster: str = "") -> web.Response:

@@ -20,8 +20,8 @@ from services.gateway import batches, first_routes, handlers, keys
 from services.gateway.body import read_json_body
 from services.gateway.files import batches_of
 from services.gateway.middleware import json_response
-from services.gateway.protocol import decode_request
 from shared import errors, schema
+from shared.openai_protocol import decode_request
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
 

@@ -24,10 +24,10 @@ from aiohttp import web
 
 from services.gateway import embeddings, handlers, keys
 from services.gateway.middleware import json_response
-from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from shared import access, clusterstate, errors, natsauth, nodes, schema
 from shared.config import ClusterConfig, Config, ModelConfig
 from shared.limits import limits_for
+from shared.openai_protocol import ChatCompletionRequest, CompletionRequest
 
 # What each framework of a cluster serves, as FIRST lists it (``cluster.openai_endpoints``).
 OPENAI_ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]

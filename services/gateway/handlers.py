@@ -12,7 +12,11 @@ from services.gateway import keys, limits
 from services.gateway.body import read_json_body
 from services.gateway.metrics import CLIENT_CLOSED, Outcome
 from services.gateway.middleware import REQUEST_ID_HEADER, json_response
-from services.gateway.protocol import (
+from services.gateway.sse import KEEPALIVE, ChunkFramer, EventStreamResponse, error_events
+from shared import access, errors, schema
+from shared.config import ModelConfig
+from shared.limits import limits_for
+from shared.openai_protocol import (
     SESSION_HEADER,
     ChatCompletionRequest,
     CompletionRequest,
@@ -20,10 +24,6 @@ from services.gateway.protocol import (
     parse_request,
     session_key,
 )
-from services.gateway.sse import KEEPALIVE, ChunkFramer, EventStreamResponse, error_events
-from shared import access, errors, schema
-from shared.config import ModelConfig
-from shared.limits import limits_for
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

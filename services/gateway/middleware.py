@@ -17,9 +17,9 @@ from structlog.contextvars import bind_contextvars
 from services.gateway import keys
 from services.gateway.clip import clip
 from services.gateway.metrics import CLIENT_CLOSED
-from services.gateway.protocol import error_body
 from shared import errors
 from shared.client import new_id
+from shared.openai_protocol import error_body
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID_HEADER = "X-Request-Id"

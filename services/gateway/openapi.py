@@ -14,9 +14,8 @@ import msgspec
 import orjson
 from aiohttp import web
 
-from services.gateway.embeddings import EmbeddingRequest
 from services.gateway.middleware import Handler
-from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
+from shared.openai_protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 # --- response shapes, for the document only ----------------------------------------------------
 

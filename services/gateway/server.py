@@ -24,10 +24,10 @@ from aiohttp.web_request import BaseRequest
 
 from services.gateway.clip import clip
 from services.gateway.middleware import REQUEST_ID_HEADER, json_response
-from services.gateway.protocol import error_body
 from shared import errors
 from shared.client import new_id
 from shared.config import GatewayConfig
+from shared.openai_protocol import error_body
 
 # A refused connection may still be sending its request: it gets this long to read the 503.
 REFUSED_LINGER_S = 2.0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from services.gateway.protocol import ResponseShape, error_body
 from shared import errors, schema
+from shared.openai_protocol import ResponseShape, error_body
 
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see the stream is alive

@@ -6,10 +6,10 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from services.gateway.protocol import ChatCompletionRequest, parse_request, session_key
 from services.router.affinity import Sessions
 from services.router.registry import Registry
 from shared import errors, schema
+from shared.openai_protocol import ChatCompletionRequest, parse_request, session_key
 from tests.unit.test_routing import Clock, beat
 
 

@@ -9,9 +9,9 @@ from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, LineTooLong, 
 
 from services.gateway import openapi
 from services.gateway.clip import clip
-from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from services.gateway.server import raise_fd_limit, refusal
 from shared import errors
+from shared.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_request
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, ResponseShape, parse_request
 from services.gateway.sse import DONE, ChunkFramer
 from shared import errors
+from shared.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponseShape, parse_request
 from shared.schema import Chunk, Delta, Usage
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -182,7 +182,7 @@ def test_completion_stream_uses_text_and_text_completion_object():
 
 
 def test_openais_flex_service_tier_is_the_batch_class():
-    from services.gateway.protocol import ChatCompletionRequest, parse_request
+    from shared.openai_protocol import ChatCompletionRequest, parse_request
 
     body = b'{"model":"m","messages":[{"role":"user","content":"hi"}]'
     assert parse_request(body + b',"service_tier":"flex"}', ChatCompletionRequest).priority == "batch"

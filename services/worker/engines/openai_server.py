@@ -20,10 +20,10 @@ import msgspec
 import orjson
 import structlog
 
-from services.worker.engines import answers, vectors
+from services.worker.engines import answers
 from services.worker.engines.base import Batch, Engine
 from services.worker.engines.http import EngineClient, EngineHTTPError, EngineHTTPTimeout
-from shared import errors, schema
+from shared import errors, schema, vectors
 from shared.children import cancel_and_wait, child_process_options, stop_process
 
 _PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}

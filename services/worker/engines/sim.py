@@ -15,10 +15,9 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
-from services.worker.engines import vectors
 from services.worker.engines.base import Batch, Engine, max_tokens, prompt_text
 from shared import config as cfg
-from shared import schema
+from shared import schema, vectors
 
 VOCABULARY = (
     "the cluster answers every request with tokens streamed over nats from a node that woke up "

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from shared import errors, schema
 from shared.answer import Completion
+from shared.vectors import MAX_INPUTS
 
 # Bounds that no sane request reaches: engines keep token counts in 32 bits and seeds in 64.
 INT32_MAX = 2**31 - 1
@@ -242,3 +243,13 @@ class ResponseShape:
             "choices": [],
             "usage": _usage(usage),
         }
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True):
+    model: ModelName
+    # A string, a list of strings, a list of token ids, or a list of lists of token ids (msgspec
+    # takes one list type in a union: vectors.inputs checks the items).
+    input: str | Annotated[list[Any], msgspec.Meta(min_length=1, max_length=MAX_INPUTS)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    user: str | None = None
