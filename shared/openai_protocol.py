@@ -253,3 +253,11 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
     user: str | None = None
+
+
+# What a batch may run, by the url its lines name (OpenAI's batch endpoint values).
+BATCH_ENDPOINTS: dict[str, tuple[schema.Endpoint, type[msgspec.Struct]]] = {
+    "/v1/chat/completions": ("chat", ChatCompletionRequest),
+    "/v1/completions": ("completion", CompletionRequest),
+    "/v1/embeddings": ("embedding", EmbeddingRequest),
+}

@@ -20,11 +20,11 @@ import nats.errors
 import orjson
 
 from services.admin import target
-from services.batch.lines import ENDPOINTS
 from shared import batchstore, schema
 from shared import config as cfg
 from shared.batchstore import Batches, Files
 from shared.connect import ConnectFailed
+from shared.openai_protocol import BATCH_ENDPOINTS
 from shared.subjects import Subjects
 
 _READ_BYTES = 256 * 1024
@@ -67,8 +67,8 @@ async def _submit(nc, config: cfg.Config, files: Files, batches: Batches, args) 
     path = Path(args.file)
     if not await asyncio.to_thread(path.is_file):
         raise target.CommandError(f"no such file: {path}")
-    if args.endpoint not in ENDPOINTS:
-        raise target.CommandError(f"--endpoint must be one of {', '.join(ENDPOINTS)}")
+    if args.endpoint not in BATCH_ENDPOINTS:
+        raise target.CommandError(f"--endpoint must be one of {', '.join(BATCH_ENDPOINTS)}")
     limit = config.batch.max_file_megabytes << 20
     if (await asyncio.to_thread(path.stat)).st_size > limit:
         raise target.CommandError(f"{path} is larger than batch.max_file_megabytes ({limit >> 20} MB)")

@@ -16,8 +16,7 @@ import orjson
 from shared import errors, schema
 from shared.answer import Completion
 from shared.openai_protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
+    BATCH_ENDPOINTS,
     EmbeddingRequest,
     ResponseShape,
     decode_request,
@@ -25,11 +24,6 @@ from shared.openai_protocol import (
 )
 from shared.vectors import unpack
 
-ENDPOINTS: dict[str, tuple[schema.Endpoint, type[msgspec.Struct]]] = {
-    "/v1/chat/completions": ("chat", ChatCompletionRequest),
-    "/v1/completions": ("completion", CompletionRequest),
-    "/v1/embeddings": ("embedding", EmbeddingRequest),
-}
 MAX_CUSTOM_ID = 4096
 
 
@@ -54,7 +48,7 @@ class Checker:
 
     def __init__(self, endpoint: str, model: str = ""):
         self.endpoint = endpoint
-        self.kind, self.request_type = ENDPOINTS[endpoint]
+        self.kind, self.request_type = BATCH_ENDPOINTS[endpoint]
         self.model = model  # FIRST's route names one model for every line
         self._seen: set[int] = set()
 

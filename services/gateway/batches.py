@@ -16,13 +16,12 @@ import nats.errors
 import nats.js.errors
 from aiohttp import web
 
-from services.batch.lines import ENDPOINTS
 from services.gateway import keys
 from services.gateway.body import read_json_body
 from services.gateway.files import batches_of, owned
 from services.gateway.middleware import json_response
 from shared import batchstore, errors, schema
-from shared.openai_protocol import decode_request
+from shared.openai_protocol import BATCH_ENDPOINTS, decode_request
 from shared.subjects import Subjects
 
 _BATCH_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -83,9 +82,10 @@ async def create(
     """A new batch of the caller's; ``model``, ``cluster``: FIRST's route pins both."""
     identity = request[keys.IDENTITY]
     config = request.app[keys.CONFIG]
-    if req.endpoint not in ENDPOINTS:
+    if req.endpoint not in BATCH_ENDPOINTS:
         raise errors.BadRequest(
-            f"endpoint must be one of {', '.join(ENDPOINTS)}, not {req.endpoint[:64]!r}.", param="endpoint"
+            f"endpoint must be one of {', '.join(BATCH_ENDPOINTS)}, not {req.endpoint[:64]!r}.",
+            param="endpoint",
         )
     window = batchstore.parse_window(req.completion_window)
     if window is None:
