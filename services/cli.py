@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     except run.UsageError as exc:
         print(f"first {args.command}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C ends a watch or a tail: no traceback
+        return 130
 
 
 if __name__ == "__main__":

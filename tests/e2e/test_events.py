@@ -180,3 +180,17 @@ async def test_first_status_shows_the_newest_events(sim_stack, first_client, nat
     assert (await eventually(shown, what="the event in first status --json"))["reason"] == "gone"
     table = await status()
     assert "NEWEST EVENTS" in table and "worker.lost" in table and marker in table
+
+
+async def test_ctrl_c_ends_the_tail_quietly(sim_stack, nats_url):
+    import signal
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "events", "tail", "--config", str(sim_stack.config_path),
+        "--nats", nats_url, "--since", "1m",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    await asyncio.wait_for(proc.stdout.readline(), 20)  # it is following
+    proc.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(proc.communicate(), 10)
+    assert proc.returncode == 130 and b"Traceback" not in err, err.decode()
