@@ -362,8 +362,9 @@ def now() -> int:
 
 def parse_window(window: str) -> int | None:
     """Seconds in a completion window (``24h``, OpenAI's only one; ``<n>h`` generally), or None."""
-    if len(window) >= 2 and window[-1] == "h" and window[:-1].isdigit() and 1 <= int(window[:-1]) <= 24 * 30:
-        return int(window[:-1]) * 3600
+    hours = window[:-1]  # ASCII digits only: int() refuses "²" and over 4300 digits
+    if window.endswith("h") and hours.isascii() and hours.isdigit() and len(hours) <= 3:
+        return int(hours) * 3600 if 1 <= int(hours) <= 24 * 30 else None
     return None
 
 

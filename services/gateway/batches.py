@@ -172,7 +172,7 @@ async def list_batches(request: web.Request) -> web.Response:
         ids = [r.id for r in records]
         records = records[ids.index(after) + 1 :] if after in ids else []
     raw = request.query.get("limit", "20")
-    if not raw.isdigit() or not 1 <= int(raw) <= 100:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 16) or not 1 <= int(raw) <= 100:
         raise errors.BadRequest("limit must be a whole number from 1 to 100.", param="limit")
     page = records[: int(raw)]
     return json_response(

@@ -14,8 +14,10 @@ import asyncio
 import msgspec
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from services.gateway import keys
+from services.gateway.clip import clip
 from services.gateway.middleware import json_response
 from shared import batchstore, errors, schema
 from shared.batchstore import Batches, Files
@@ -178,8 +180,11 @@ async def create_file(request: web.Request) -> web.Response:
         if stored is not None:
             await files.delete(stored.id)
         raise
-    except ValueError as exc:  # a malformed multipart body
-        raise errors.BadRequest(f"The multipart body could not be read: {exc}") from None
+    except (ValueError, BadHttpMessage) as exc:  # a malformed body, or part headers (control bytes)
+        if stored is not None:
+            await files.delete(stored.id)
+        detail = exc.message if isinstance(exc, BadHttpMessage) else str(exc)
+        raise errors.BadRequest(f"The multipart body could not be read: {clip(detail)}") from None
     if stored is None:
         raise errors.BadRequest("No `file` field in the upload.", param="file")
     if purpose is None:
@@ -228,7 +233,7 @@ def _limit(request: web.Request, default: int) -> int:
     raw = request.query.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 16) or not 1 <= int(raw) <= 10_000:
         raise errors.BadRequest("limit must be a whole number from 1 to 10000.", param="limit")
     return int(raw)
 

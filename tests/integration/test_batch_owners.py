@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 
+import aiohttp
 import openai
 import orjson
 import pytest
@@ -137,6 +138,25 @@ async def test_a_batch_past_its_completion_window_expires(stack, nc):
     batch = await eventually(ended, timeout=10, what="the batch to expire")
     assert batch.status == "expired" and batch.expired_at
     assert batch.request_counts.completed == 0
+
+
+async def test_malformed_uploads_limits_and_windows_are_400_not_500(stack):
+    """What the fuzz test once found answering 500: control bytes in an upload part's headers, and
+    numbers that str.isdigit takes but int() refuses (a superscript digit, over 4300 digits)."""
+    url, auth = str(stack["alice"].base_url), {"Authorization": "Bearer alice"}
+    part = b'--b\r\nContent-Disposition: form-data; name="\x11"\r\n\r\nx\r\n--b--\r\n'
+    async with aiohttp.ClientSession(headers=auth) as http:
+        multipart = {"Content-Type": "multipart/form-data; boundary=b"}
+        async with http.post(url + "files", data=part, headers=multipart) as r:
+            assert r.status == 400, await r.text()
+            assert "multipart body could not be read" in (await r.json())["error"]["message"]
+        for path in ("files?limit=\u00b2", "batches?limit=\u00b2", "batches?limit=" + "1" * 5000):
+            async with http.get(url + path) as r:
+                assert (r.status, (await r.json())["error"]["param"]) == (400, "limit"), path[:20]
+        for window in ("\u00b2h", "1" * 5000 + "h"):
+            batch = {"input_file_id": "file-x", "endpoint": "/v1/completions", "completion_window": window}
+            async with http.post(url + "batches", json=batch) as r:
+                assert (r.status, (await r.json())["error"]["param"]) == (400, "completion_window")
 
 
 async def test_without_jetstream_the_gateway_serves_and_batch_routes_answer_503_until_it_comes(

@@ -105,6 +105,8 @@ def test_owner_keys_and_windows():
     assert batchstore.owner_key("alice") != batchstore.owner_key("bob")
     assert batchstore.parse_window("24h") == 86_400
     assert batchstore.parse_window("1d") is None and batchstore.parse_window("0h") is None
+    assert batchstore.parse_window("\u00b2h") is None  # a digit to str.isdigit, not to int()
+    assert batchstore.parse_window("1" * 5000 + "h") is None  # over int()'s 4300 digits
 
 
 def test_batch_config_defaults_and_errors():
