@@ -14,6 +14,7 @@ import msgspec
 import orjson
 from aiohttp import web
 
+from services.gateway import openapi_batch
 from services.gateway.middleware import Handler
 from shared.openai_protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
@@ -231,9 +232,11 @@ def build() -> dict:
             EmbeddingList,
             Health,
             ErrorEnvelope,
+            *openapi_batch.SCHEMAS,
         ],
         ref_template="#/components/schemas/{name}",
     )
+    openapi_batch.refine(schemas)
     errors = {
         f"Error{status}": {"description": text, "content": _json(_ref("ErrorEnvelope"))}
         for status, text in _ERRORS.items()
@@ -281,6 +284,7 @@ def build() -> dict:
         "/openapi.json": _get_operation(
             "This document", {"description": "OpenAPI 3.1.", "content": _json({"type": "object"})}
         ),
+        **openapi_batch.paths(),  # batch mode: /v1/files, /v1/batches
     }
     return {
         "openapi": "3.1.0",

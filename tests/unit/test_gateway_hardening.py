@@ -157,6 +157,12 @@ def test_openapi_document_describes_every_route_and_resolves():
         "/v1/models",
         "/health",
         "/openapi.json",
+        "/v1/files",
+        "/v1/files/{file_id}",
+        "/v1/files/{file_id}/content",
+        "/v1/batches",
+        "/v1/batches/{batch_id}",
+        "/v1/batches/{batch_id}/cancel",
     }
     for ref in _refs(doc):
         node = doc
