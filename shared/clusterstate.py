@@ -15,7 +15,6 @@ a lost consumer or a recreated bucket. A change reaches every follower within ab
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 
@@ -27,6 +26,7 @@ from nats.js.kv import KeyValue
 
 from shared import config as cfg
 from shared import kvbucket, natsauth
+from shared.children import cancel_and_wait
 from shared.supervise import Throttle
 
 RELOAD_S = 1.0
@@ -112,10 +112,7 @@ class MaintenanceFollower:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def reload(self) -> None:
         kv = await open_bucket(self.nc.jetstream(timeout=5.0), self.bucket, create=False)

@@ -22,6 +22,7 @@ import structlog
 from nats.js.kv import KeyValue
 
 from shared import errors, keystore, schema
+from shared.children import cancel_and_wait
 from shared.supervise import Throttle
 
 PREFIX = keystore.PREFIX
@@ -124,10 +125,7 @@ class KeyAuthenticator:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     # --- the watch ---------------------------------------------------------------------------------
 
