@@ -85,17 +85,24 @@ class EventLog:
     events: deque[dict] = field(default_factory=lambda: deque(maxlen=MAX_EVENTS))
 
     def add(self, event: dict) -> None:
-        self.events.appendleft(event)
+        """A live event; one the stream's read-back already gave (its live copy can come later) is
+        not listed twice."""
+        key = _key(event)
+        if not any(_key(e) == key for e in self.events):  # at most MAX_EVENTS: few
+            self.events.appendleft(event)
 
     def merge(self, older: list[dict]) -> None:
         """Events read back from the stream: with those already here, newest first, each once."""
         seen, merged = set(), []
         for event in sorted([*self.events, *older], key=lambda e: e["time"], reverse=True):
-            key = (event["time"], event["kind"], event["name"], event.get("node_id"), event.get("source"))
-            if key not in seen:
+            if (key := _key(event)) not in seen:
                 seen.add(key)
                 merged.append(event)
         self.events = deque(merged[: self.events.maxlen], maxlen=self.events.maxlen)
 
     def newest(self) -> list[dict]:
         return list(self.events)
+
+
+def _key(event: dict) -> tuple:
+    return (event["time"], event["kind"], event["name"], event.get("node_id"), event.get("source"))

@@ -111,13 +111,19 @@ async def test_each_caller_sees_what_it_may_use_and_no_key_gets_401(services, su
     await scaler.emit("node", "failed", cluster="vault", node_id="vault-n1")  # no model: the cluster's
     await scaler.emit("node", "requested", cluster="a", model="open", node_id="a-n0")
 
+    seen: dict[str, list[str]] = {}
+
     async def both_events(who: str):
         status, view = await get(url + "/status.json", who)
         assert status == 200, view
+        seen[who] = names(view)
         return view if len(view["events"]) == (3 if who == "sam" else 1) else None
 
-    ann = await eventually(lambda: both_events("ann"), what="ann's event")
-    sam = await eventually(lambda: both_events("sam"), what="sam's events")
+    try:
+        ann = await eventually(lambda: both_events("ann"), what="ann's event")
+        sam = await eventually(lambda: both_events("sam"), what="sam's events")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the page listed {seen}") from None
     assert [m["id"] for m in ann["models"]] == ["open"] and list(ann["history"]["models"]) == ["open"]
     assert [c["name"] for c in ann["clusters"]] == ["a"]
     assert names(ann) == ["requested a-n0"]

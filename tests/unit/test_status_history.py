@@ -58,6 +58,8 @@ def test_event_log_merges_the_stream_newest_first_once_each_and_bounded():
     older = [{**ev, "name": "requested", "time": 1.0}, dict(ev)]  # the live one, read back again
     log.merge(older)
     assert [(e["name"], e["time"]) for e in log.newest()] == [("running", 5.0), ("requested", 1.0)]
+    log.add({**ev, "name": "requested", "time": 1.0})  # its live copy, after the stream's
+    assert len(log.newest()) == 2
     log.merge([{**ev, "time": float(t)} for t in range(100, 100 + sh.MAX_EVENTS * 2)])
     newest = log.newest()
     assert len(newest) == sh.MAX_EVENTS and newest[0]["time"] == 100 + sh.MAX_EVENTS * 2 - 1
