@@ -198,7 +198,7 @@ async def test_a_failing_provider_is_reported_and_backs_off_instead_of_retrying_
     assert "Invalid account" in failed[0].reason and failed[0].cluster == "a"
     await asyncio.sleep(1.2)  # 60 ticks: back-offs of 0.5 s and 1 s allow two more tries at most
     assert 1 <= provider.attempts <= 3
-    assert s.backoff.failures("a") == provider.attempts
+    assert s.fleet.backoff.failures("a") == provider.attempts
 
 
 # --- nodes of several workers ---------------------------------------------------------------------
