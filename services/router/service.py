@@ -1,16 +1,20 @@
 """The router service: takes requests on a queue group, dispatches them to workers, holds them while cold.
 
-Dispatch does not wait: the router publishes a request to a worker with a reply subject of its
-own and goes on; the worker's DispatchReply (or NATS's "no responders") comes back on that
-subject. Many requests of one model are on their way at once, and a slow worker or a slow round
-trip delays only its own request. Tokens never pass through here: the worker streams straight
-to the request's reply subject.
+Here: the Router's lifecycle and subscriptions, admission (which requests it takes, the error for
+those it refuses), holding and draining the queues, cancels, what others report, its status
+answers and Demand, and housekeeping. Elsewhere in the package, a module per concern:
+handover.py sends a request to a worker and settles the dispatch (the worker's answer, "no
+responders", the time-out); dispatch.py is the book of dispatches on their way; holding.py the
+held requests' queues and which goes next; registry.py the workers and the routing choice;
+affinity.py session affinity; callers.py NATS-native callers; status.py a model's live status;
+request_events.py the events for operators.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
 
@@ -21,7 +25,8 @@ from nats.aio.client import Client as NATS
 
 from services.router import callers
 from services.router.affinity import Sessions
-from services.router.dispatch import Dispatches, Pending
+from services.router.dispatch import Dispatches
+from services.router.handover import Handover
 from services.router.holding import Held, Queues
 from services.router.registry import Registry
 from services.router.request_events import RequestEvents
@@ -61,14 +66,17 @@ class Router(Lifecycle):
         self._published: dict[tuple[str, str], int] = {}  # the length each queue's last Demand said
         self.maintenance = clusterstate.MaintenanceFollower(nc, config, self._maintenance_changed)
         self.request_events = RequestEvents(events.EventPublisher(nc, subjects, self.router_id))
-        self._ack_prefix = subjects.router_ack(self.router_id, 0)[:-1]
+        self.handover = Handover(
+            nc, subjects, self.router_id, registry=self.registry, sessions=self.sessions,
+            dispatches=self.dispatches, held=self.held, hand_back=functools.partial(self._hold, front=True),
+            drain=self._drain, retry=self._retry, send=self._send,
+        )  # fmt: skip
         self._next_beat = self._next_demand = 0.0
         self._bad_input = Throttle()
-        self._settled = asyncio.Event()  # no dispatch is waiting for its answer (stop waits for it)
         self._task = None
         self._subs: list = []
         self._infer_subs: list = []
-        self.dispatched = self.held_total = 0  # requests sent to workers; requests that waited here
+        self.held_total = 0  # requests that waited here (those sent to workers: handover.sent)
         self.discovery = Registration(
             nc, subjects, ROUTER_SERVICE, description="FIRST router: queues requests, dispatches to workers",
             counters=self._counters, metadata={"router_id": self.router_id}, instance=self.router_id,
@@ -81,7 +89,7 @@ class Router(Lifecycle):
         s, nc = self.subjects, self.nc
         self._subs += [
             await nc.subscribe(s.heartbeat_all, cb=self._on_heartbeat),
-            await nc.subscribe(s.router_ack_all(self.router_id), cb=self._on_ack),
+            await nc.subscribe(s.router_ack_all(self.router_id), cb=self.handover.on_ack),
             await nc.subscribe(s.cancel, cb=self._on_cancel),
             await nc.subscribe(s.cancel_users, cb=self._on_cancel),
             await nc.subscribe(s.demand, cb=self._on_demand),
@@ -110,11 +118,7 @@ class Router(Lifecycle):
             while (held := queue.pop()) is not None:
                 await self._retry(held.request, "the router is shutting down")
             await self._publish_demand(model, cluster)
-        if len(self.dispatches):
-            self._settled.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.dispatch_timeout_s):
-                    await self._settled.wait()
+        await self.handover.settle(self.settings.dispatch_timeout_s)
         for pending in self.dispatches.expired(all_of_them=True):
             await self._retry(pending.held.request, "the router is shutting down")
         await cancel_and_wait(self._task)
@@ -201,7 +205,7 @@ class Router(Lifecycle):
         timeout = request.queue_timeout_s or model.queue_timeout_s or self.settings.queue_timeout_s
         held = Held(request, data, now, now + timeout)
         if entry is not None:
-            await self._dispatch(held, entry.worker_id)
+            await self.handover.dispatch(held, entry.worker_id)
         else:
             await self._hold(held)
 
@@ -245,19 +249,6 @@ class Router(Lifecycle):
     def _was_cancelled(self, request: schema.InferRequest) -> bool:
         return self._cancelled.stops(request)
 
-    async def _dispatch(self, held: Held, worker_id: str) -> None:
-        held.dispatches += 1
-        self.dispatched += 1
-        self.sessions.served(held.request, worker_id)
-        n = self.dispatches.add(held, worker_id)
-        self.registry.dispatched(worker_id)
-        try:
-            await self.nc.publish(
-                self.subjects.worker_infer(worker_id), held.data, reply=f"{self._ack_prefix}{n}"
-            )
-        except nats.errors.Error as exc:  # NATS trouble: the dispatch times out and the caller retries
-            self._log.warning("dispatch_not_sent", worker_id=worker_id, error=repr(exc))
-
     async def _drain(self, model: str, cluster: str = "") -> None:
         """Send the held requests of one queue (the model's, or those pinned to ``cluster``) to
         workers, oldest first, while any has a free slot."""
@@ -274,62 +265,8 @@ class Router(Lifecycle):
                     worker_id=entry.worker_id,
                     waited_s=round(time.monotonic() - held.enqueued, 3),
                 )
-            await self._dispatch(held, entry.worker_id)
+            await self.handover.dispatch(held, entry.worker_id)
         await self._publish_demand(model, cluster)
-
-    @guarded
-    async def _on_ack(self, msg) -> None:
-        gone = bool(msg.headers) and msg.headers.get("Status") == "503"  # no responders: no worker
-        reply = None
-        if not gone:
-            try:
-                reply = schema.dispatch_reply_decoder.decode(msg.data)
-            except msgspec.DecodeError:
-                # Not the worker's answer (a hostile or broken sender): the dispatch stays pending,
-                # and the real answer, or the dispatch timeout, settles it.
-                if self._bad_input(msg.subject):
-                    self._log.warning("undecodable_dispatch_reply", subject=msg.subject)
-                return
-        try:
-            pending = self.dispatches.resolve(int(msg.subject[len(self._ack_prefix) :]))
-        except ValueError:
-            return
-        if pending is None:
-            if self._bad_input("late_dispatch_reply"):
-                self._log.info("late_dispatch_reply", subject=msg.subject, note="logged once a minute")
-            return
-        if not len(self.dispatches):
-            self._settled.set()
-        held, wid = pending.held, pending.worker_id
-        request = held.request
-        # Request ids go into these log lines by hand: binding contextvars costs on this path.
-        if reply is None:
-            self.registry.forget(wid)
-            self._log.warning("worker_gone", worker_id=wid, request_id=request.request_id)
-            await self._hold(held, front=True)
-            await self._drain(request.model, request.cluster)
-            return
-        self.registry.answered(wid, reply.in_flight)
-        # A duplicate for a request this router sent before: an earlier dispatch of ours reached the
-        # worker after all (its answer was lost). The worker has it: that is an acceptance.
-        if reply.accepted or (reply.reason == schema.DUPLICATE and held.dispatches > 1):
-            self.dispatches.handed(request.request_id, request.attempt, wid)
-            self.dispatches.accepted(held, wid)
-            self._log.debug(
-                "request_routed", worker_id=wid, model=request.model, request_id=request.request_id
-            )
-            if self.held.of(request.model, request.cluster):
-                await self._drain(request.model, request.cluster)
-            return
-        if reply.reason == schema.CANCELLED:
-            return
-        if reply.reason == schema.DUPLICATE:  # the caller sent this attempt to another router too
-            err = errors.Conflict(f"request id {request.request_id} is already running")
-            await self._send(request.reply_to, err.to_wire(request.request_id, request.attempt))
-            return
-        self.registry.refused(wid)
-        await self._hold(held, front=True)
-        await self._drain(request.model, request.cluster)
 
     async def _retry(self, r: schema.InferRequest, reason: str) -> None:
         await self._send(r.reply_to, schema.Retry(r.request_id, r.attempt, reason))
@@ -401,7 +338,7 @@ class Router(Lifecycle):
 
     def _counters(self) -> dict:
         """For the service API's stats and status (shared/discovery.py)."""
-        return {"requests_dispatched": self.dispatched, "requests_held": self.held_total,
+        return {"requests_dispatched": self.handover.sent, "requests_held": self.held_total,
                 "held_now": sum(len(q) for _, q in self.held.all()), "dispatches_unanswered": len(self.dispatches),
                 "workers": len(self.registry.workers()), "models": list(self.queues)}  # fmt: skip
 
@@ -427,7 +364,7 @@ class Router(Lifecycle):
     async def _housekeeping(self) -> None:
         now = time.monotonic()
         for pending in self.dispatches.expired():
-            await self._dispatch_timed_out(pending)
+            await self.handover.timed_out(pending)
         for (model, _), queue in self.held.all():
             for held in queue.expired():
                 waited = now - held.enqueued
@@ -456,12 +393,3 @@ class Router(Lifecycle):
                 if queue:
                     await self._publish_demand(model, cluster, force=True)
                     await self._drain(model, cluster)
-
-    async def _dispatch_timed_out(self, pending: Pending) -> None:
-        """The worker did not answer in time. It may still take the request, so this attempt is given
-        up: the caller submits a new one, and ignores whatever the late run sends."""
-        request = pending.held.request
-        self.registry.answered(pending.worker_id, None)
-        self.registry.refused(pending.worker_id)
-        self._log.warning("dispatch_timeout", worker_id=pending.worker_id, request_id=request.request_id)
-        await self._retry(pending.held.request, f"worker {pending.worker_id} did not answer in time")
