@@ -31,6 +31,7 @@ from nats.js.object_store import ObjectStore
 
 from shared import config as cfg
 from shared import schema
+from shared.replicas import bring_in_line, create_store
 from shared.subjects import Subjects
 
 API_TIMEOUT_S = 10.0
@@ -109,18 +110,25 @@ class Files:
     async def open(cls, nc: NATS, config: cfg.Config) -> Files:
         js = nc.jetstream(timeout=API_TIMEOUT_S)
         bucket = files_bucket(config)
+        replicas = config.nats.jetstream_replicas
         try:
             try:
                 store = await js.object_store(bucket)
+                await bring_in_line(js, f"OBJ_{bucket}", replicas, store=f"object store {bucket}")
             except nats.js.errors.BucketNotFoundError:
-                store = await js.create_object_store(
-                    bucket,
-                    api.ObjectStoreConfig(
-                        bucket=bucket,
-                        description="FIRST batch files: uploads and batch outputs",
-                        ttl=config.batch.retention_days * DAY_S,
-                        storage=api.StorageType.FILE,
+                store = await create_store(
+                    lambda n: js.create_object_store(
+                        bucket,
+                        api.ObjectStoreConfig(
+                            bucket=bucket,
+                            description="FIRST batch files: uploads and batch outputs",
+                            ttl=config.batch.retention_days * DAY_S,
+                            storage=api.StorageType.FILE,
+                            replicas=n,
+                        ),
                     ),
+                    replicas,
+                    store=f"object store {bucket}",
                 )
         except (nats.js.errors.Error, nats.errors.Error) as exc:
             raise StoreError(f"object store {bucket}: {_why(exc)}") from None
@@ -284,18 +292,25 @@ class Batches:
     async def open(cls, nc: NATS, config: cfg.Config) -> Batches:
         js = nc.jetstream(timeout=API_TIMEOUT_S)
         bucket = batches_bucket(config)
+        replicas = config.nats.jetstream_replicas
         try:
             try:
                 kv = await js.key_value(bucket)
+                await bring_in_line(js, f"KV_{bucket}", replicas, store=f"KV bucket {bucket}")
             except nats.js.errors.BucketNotFoundError:
-                kv = await js.create_key_value(
-                    api.KeyValueConfig(
-                        bucket=bucket,
-                        description="FIRST batches",
-                        history=1,
-                        ttl=config.batch.retention_days * DAY_S,
-                        storage=api.StorageType.FILE,
-                    )
+                kv = await create_store(
+                    lambda n: js.create_key_value(
+                        api.KeyValueConfig(
+                            bucket=bucket,
+                            description="FIRST batches",
+                            history=1,
+                            ttl=config.batch.retention_days * DAY_S,
+                            storage=api.StorageType.FILE,
+                            replicas=n,
+                        )
+                    ),
+                    replicas,
+                    store=f"KV bucket {bucket}",
                 )
         except (nats.js.errors.Error, nats.errors.Error) as exc:
             raise StoreError(f"KV bucket {bucket}: {_why(exc)}") from None

@@ -54,10 +54,13 @@ def default_message(cluster: str) -> str:
     return f"The cluster '{cluster}' is under maintenance: try again later or use another cluster."
 
 
-async def open_bucket(js: JetStreamContext, bucket: str, *, create: bool) -> KeyValue | None:
-    """The bucket; if missing, created (``create``) or None."""
+async def open_bucket(
+    js: JetStreamContext, bucket: str, *, create: bool, replicas: int = 0
+) -> KeyValue | None:
+    """The bucket; if missing, created (``create``) or None. With ``create``, ``replicas``
+    (``nats.jetstream_replicas``) copies, an existing bucket's brought in line."""
     description = "FIRST clusters under maintenance (first cluster maintenance)"
-    return await kvbucket.open_bucket(js, bucket, create=create, description=description)
+    return await kvbucket.open_bucket(js, bucket, create=create, description=description, replicas=replicas)
 
 
 async def read_all(kv: KeyValue, *, timeout_s: float = 5.0) -> dict[str, str]:

@@ -50,6 +50,9 @@ class NatsConfig(_Cfg):
     # Where the scaler finds the seeds of the worker slots it starts (<dir>/<cluster>-n<i>.nk).
     worker_credentials_dir: str = ""
     clients: list[NatsClientConfig] = msgspec.field(default_factory=list)
+    # Copies JetStream keeps of the stores without a replicas setting of their own (maintenance,
+    # the scaler's node table, batch files, batches and queues): 3 on a 3-server hub.
+    jetstream_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
 
 
 class GatewayConfig(_Cfg):

@@ -11,6 +11,8 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from shared.replicas import bring_in_line, create_store
+
 # How long to wait for entries nats-py delivers after its "no more" marker (see snapshot).
 _STRAGGLER_S = 0.25
 
@@ -20,20 +22,25 @@ async def open_bucket(
 ) -> KeyValue | None:
     """The bucket; if missing, created (``create``: one revision per key, on file, ``replicas``
     copies, 0 meaning 1) or None. Two processes that create it at once both succeed: JetStream
-    accepts a second creation with the same configuration."""
+    accepts a second creation with the same configuration. With ``create`` and ``replicas``, an
+    existing bucket's copies are brought in line (shared/replicas.py: a warning where they cannot)."""
     try:
-        return await js.key_value(bucket)
+        kv = await js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:
         if not create:
             return None
-    return await js.create_key_value(
-        api.KeyValueConfig(
-            bucket=bucket,
-            description=description,
-            history=1,
-            storage=api.StorageType.FILE,
-            replicas=replicas or 1,
-        )
+    else:
+        if create and replicas:
+            await bring_in_line(js, f"KV_{bucket}", replicas, store=f"KV bucket {bucket}")
+        return kv
+    return await create_store(
+        lambda n: js.create_key_value(
+            api.KeyValueConfig(
+                bucket=bucket, description=description, history=1, storage=api.StorageType.FILE, replicas=n
+            )
+        ),
+        replicas or 1,
+        store=f"KV bucket {bucket}",
     )
 
 

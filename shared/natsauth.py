@@ -70,10 +70,11 @@ def scaler_bucket(config: cfg.Config, prefix: str = "") -> str:
 
 
 def _kv_writer(bucket: str) -> list[str]:
-    """What keeping a KV bucket takes: reading it, creating it, and writing its keys (the
-    acknowledgements come to the writer's inbox)."""
+    """What keeping a KV bucket takes: reading it, creating it (and updating it: its copies, to
+    nats.jetstream_replicas), and writing its keys (the acknowledgements come to the writer's inbox)."""
     stream = f"KV_{bucket}"
-    return [*_kv_reader(bucket), f"$JS.API.STREAM.CREATE.{stream}", f"$KV.{bucket}.>"]
+    return [*_kv_reader(bucket), f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.STREAM.UPDATE.{stream}",
+            f"$KV.{bucket}.>"]  # fmt: skip
 
 
 def usage_stream(config: cfg.Config) -> str:

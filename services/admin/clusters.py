@@ -40,7 +40,7 @@ async def _run(config: cfg.Config, args: argparse.Namespace) -> int:
         js = nc.jetstream(timeout=_TIMEOUT_S)
         if args.action == "list":
             return await _list(js, bucket, config, args)
-        return await _maintenance(js, bucket, args)
+        return await _maintenance(js, bucket, args, config.nats.jetstream_replicas)
     except nats.js.errors.ServiceUnavailableError:
         raise CommandError(f"the NATS server at {url} has JetStream off: maintenance needs it") from None
     except (nats.errors.Error, TimeoutError) as exc:
@@ -71,9 +71,9 @@ async def _list(js, bucket: str, config: cfg.Config, args: argparse.Namespace) -
     return 0
 
 
-async def _maintenance(js, bucket: str, args: argparse.Namespace) -> int:
+async def _maintenance(js, bucket: str, args: argparse.Namespace, replicas: int) -> int:
     if args.state == "on":
-        kv = await clusterstate.open_bucket(js, bucket, create=True)
+        kv = await clusterstate.open_bucket(js, bucket, create=True, replicas=replicas)
         message = args.message or clusterstate.default_message(args.name)
         await clusterstate.set_maintenance(kv, args.name, message)
         print(f"Cluster {args.name} is under maintenance: requests pinned to it get 503 ({message})")

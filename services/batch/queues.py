@@ -4,6 +4,7 @@ answered twice, by a service that died before its acknowledgement, is stored onc
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -14,6 +15,7 @@ from nats.js import api
 
 from shared import batchstore, schema
 from shared import config as cfg
+from shared.replicas import bring_in_line, create_store
 from shared.subjects import Subjects
 
 _READ_BATCH = 256
@@ -34,8 +36,10 @@ class Queues:
         self.results = batchstore.results_stream(config)
 
     async def ensure(self) -> None:
-        """Both streams exist (created on first start; their config is ours alone)."""
+        """Both streams exist (created on first start; their config is ours alone), with
+        nats.jetstream_replicas copies."""
         max_age = self.config.batch.retention_days * batchstore.DAY_S
+        replicas = self.config.nats.jetstream_replicas
         wanted = [
             api.StreamConfig(
                 name=self.lines,
@@ -46,6 +50,7 @@ class Queues:
                 max_age=max_age,
                 max_msg_size=_MAX_LINE_BYTES,
                 duplicate_window=_LINES_DUPLICATE_WINDOW_S,
+                num_replicas=replicas,
             ),
             api.StreamConfig(
                 name=self.results,
@@ -58,14 +63,20 @@ class Queues:
                 discard=api.DiscardPolicy.NEW,
                 discard_new_per_subject=True,
                 duplicate_window=120.0,
+                num_replicas=replicas,
             ),
         ]
         for config in wanted:
             try:
-                await self.js.add_stream(config)
+                await create_store(
+                    lambda n, config=config: self.js.add_stream(dataclasses.replace(config, num_replicas=n)),
+                    replicas,
+                    store=f"stream {config.name}",
+                )
             except nats.js.errors.BadRequestError as exc:
-                if exc.err_code != 10058:  # exists with another config: keep the operator's
+                if exc.err_code != 10058:  # exists with another config: keep the operator's, copies aside
                     raise batchstore.StoreError(f"stream {config.name}: {exc.description}") from None
+                await bring_in_line(self.js, config.name, replicas, store=f"stream {config.name}")
 
     # --- lines ---------------------------------------------------------------------------------
 

@@ -52,7 +52,7 @@ class Fleet:
         self._log = log
 
     async def open(self, bucket: str) -> NodeTable:
-        self.table = await NodeTable.open(self.nc.jetstream(), bucket)
+        self.table = await NodeTable.open(self.nc.jetstream(), bucket, self.config.nats.jetstream_replicas)
         return self.table
 
     def owners(self) -> dict[str, str]:

@@ -99,9 +99,10 @@ class NodeTable:
         self._log = structlog.get_logger().bind(service="scaler")
 
     @classmethod
-    async def open(cls, js: JetStreamContext, bucket: str) -> NodeTable:
+    async def open(cls, js: JetStreamContext, bucket: str, replicas: int = 0) -> NodeTable:
+        """The table's bucket, created or brought in line with ``replicas`` copies (0: left as is)."""
         kv = await kvbucket.open_bucket(
-            js, bucket, create=True, description="FIRST scaler: node table and lease"
+            js, bucket, create=True, description="FIRST scaler: node table and lease", replicas=replicas
         )
         return cls(kv)
 
