@@ -204,6 +204,11 @@ async def test_the_openai_sdk_with_firsts_federated_base_url(gateway):
         assert reply.choices[0].message.content and reply.usage.completion_tokens == 3
         done = await client.completions.create(model="Open-Model", prompt="once", max_tokens=2)
         assert done.usage.completion_tokens == 2
+        # /resource_server/v1/embeddings (the SDK asks for base64 and decodes it): the sim's vectors.
+        vectors = await client.embeddings.create(model="Open-Model", input=["a cat", "a dog"])
+        assert [d.index for d in vectors.data] == [0, 1] and vectors.model == "Open-Model"
+        assert [len(d.embedding) for d in vectors.data] == [64, 64]  # the sim's embedding_dims
+        assert vectors.data[0].embedding != vectors.data[1].embedding and vectors.usage.prompt_tokens > 0
     finally:
         await client.close()
 

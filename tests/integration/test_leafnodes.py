@@ -15,17 +15,19 @@ import msgspec
 import nats
 import nats.errors
 import nats.js.errors
+import openai
 import orjson
 import pytest
 
 from services.admin import leafnodes, nats_auth
 from services.cli import _parser
+from services.gateway.app import create_app, start_site
 from services.router.service import Router
 from services.worker.engines import make_engine
 from services.worker.engines.openai_server import free_port
 from services.worker.service import Worker
 from shared import config as cfg
-from shared import keystore, natsauth, usage_stream
+from shared import keystore, natsauth, schema, usage_stream
 from shared.client import FirstClient
 from shared.connect import close, connect, credential_options
 from shared.natsserver import EmbeddedNats
@@ -199,6 +201,47 @@ async def test_a_caller_on_the_hub_reaches_a_worker_on_each_leaf_and_survives_lo
     await eventually(lambda: _ready(f, alice, both), timeout=10, what="polaris-n0 back in routing")
     results = await asyncio.gather(*(alice.complete("m", "chat", BODY) for _ in range(2)))
     assert {r.worker_id for r in results} == both
+
+
+async def test_a_gateway_on_the_hub_serves_the_openai_sdk_from_a_worker_on_each_leaf(federation):
+    """The issue's shape over HTTP: the openai SDK calls a real gateway app connected to one hub
+    server with the gateway's seed; a router on another hub server sends each request across a
+    leaf link. FIRST's pinned base URL of each site is answered by that site's worker; two
+    unpinned requests at once (capacity 1 each) take a worker on each leaf. The usage records on
+    the hub say which worker ran each."""
+    f = federation
+    await f.stack.enter_async_context(Router(await f.connect(f.hub[0].url, "router"), S, f.config))
+    app = create_app(f.config, f.hub[1].url, credentials=str(f.creds.seed_file("gateway")))
+    runner = await start_site(app, "127.0.0.1", 0)
+    f.stack.push_async_callback(runner.cleanup)
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    usage = await (await f.connect(f.hub[2].url, "admin")).subscribe(S.usage)
+    alice = FirstClient(await f.connect(f.hub[2].url, "alice"), S, user="alice", request_timeout_s=10)
+    await f.stack.enter_async_context(alice)
+    for site in SITES:
+        await f.worker(site)
+    both = {natsauth.worker_slot(site, 0) for site in SITES}
+    await eventually(lambda: _ready(f, alice, both), timeout=10, what="a ready worker on each leaf")
+
+    def sdk(path: str) -> openai.AsyncOpenAI:  # auth.methods "none": the gateway is on loopback
+        client = openai.AsyncOpenAI(base_url=url + path, api_key="unused", max_retries=0, timeout=10)
+        f.stack.push_async_callback(client.close)
+        return client
+
+    def chat(client: openai.AsyncOpenAI):
+        return client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=8
+        )
+
+    pinned = await asyncio.gather(*(chat(sdk(f"/resource_server/{site}/sim/v1")) for site in SITES))
+    federated = sdk("/v1")
+    unpinned = await asyncio.gather(chat(federated), chat(federated))
+    for reply in [*pinned, *unpinned]:
+        assert reply.choices[0].message.content and reply.choices[0].finish_reason == "length"
+        assert reply.model == "m" and reply.usage.completion_tokens == 8
+    records = [schema.usage_decoder.decode((await usage.next_msg(timeout=5)).data) for _ in range(4)]
+    runs = sorted((r.cluster, r.worker_id) for r in records)
+    assert runs == [("polaris", "polaris-n0")] * 2 + [("sophia", "sophia-n0")] * 2
 
 
 async def _ready(f: Federation, client: FirstClient, wanted: set[str]) -> bool:
