@@ -146,10 +146,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = add("usage", "requests and tokens per user, model or cluster, from the usage records")
     p.add_argument("--since", default="7d", help="how far back, e.g. 7d, 12h (default: 7d)")
-    p.add_argument("--by", choices=["user", "model", "cluster"], default="user")
+    p.add_argument(
+        "--by", choices=["user", "model", "cluster"], default=None, help="one row per (default: user)"
+    )
     output = p.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="JSON instead of a table")
-    output.add_argument("--csv", action="store_true", help="every record as CSV, for accounting")
+    output.add_argument(
+        "--csv", action="store_true", help="CSV: the table's rows with --by, else every record (accounting)"
+    )
     return parser
 
 

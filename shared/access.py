@@ -48,7 +48,9 @@ def may_use_on(
 
 def check(identity: schema.Identity, model: cfg.ModelConfig, config: cfg.Config) -> None:
     if not may_use(identity, model, config):
+        signed_in = f" (you signed in through {identity.idp})" if identity.idp else ""
         raise errors.Forbidden(
-            f"You may not use the model '{model.id}': it is open to other groups or identity providers.",
+            f"You may not use the model '{model.id}': it is open to other groups or identity providers"
+            f"{signed_in}. Ask the service's administrators for access, or sign in with an identity they allow.",
             param="model",
         )

@@ -61,6 +61,11 @@ class Identity(msgspec.Struct, omit_defaults=True):
         msgspec.field(default_factory=list)
     )
     key_id: Annotated[str, msgspec.Meta(max_length=64)] = ""  # an API key's public id
+    # Globus only, as FIRST's /resource_server/whoami and user records show them: the identity
+    # provider's id (a UUID; a service account: its domain) and display name (a service account: its
+    # issuer). Empty: the same as ``idp``.
+    idp_id: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    idp_name: Annotated[str, msgspec.Meta(max_length=256)] = ""
 
 
 ANONYMOUS = Identity(user="anonymous")

@@ -11,7 +11,8 @@ calls for the gateway, so that the gateway's real globus-sdk code path runs agai
 Both token endpoints check the confidential client's Basic auth, as Globus does. ``issue()``
 makes a token for given identities, session, groups, lifetime and policy results; ``revoke()``
 ends one. ``introspections`` counts introspection calls (for cache tests); ``outage`` makes every
-endpoint answer with that status; ``hold`` (an Event, set by default) keeps introspections
+endpoint answer with that status, ``failing`` one endpoint (``"introspect"``, ``"dependent_token"``,
+``"my_groups"`` -> status); ``hold`` (an Event, set by default) keeps introspections
 waiting while it is clear, and ``introspecting`` says how many are waiting.
 """
 
@@ -90,6 +91,7 @@ class GlobusDouble:
         self.introspecting = 0
         self.last_introspection: dict[str, str] = {}  # the form of the latest call
         self.outage: int | None = None
+        self.failing: dict[str, int] = {}  # endpoint -> the status it answers with
         self.hold = asyncio.Event()
         self.hold.set()
         self._runner: web.AppRunner | None = None
@@ -186,8 +188,8 @@ class GlobusDouble:
         )
 
     async def _introspect(self, request: web.Request) -> web.Response:
-        if self.outage:
-            return _outage(self.outage)
+        if status := self.outage or self.failing.get("introspect"):
+            return _outage(status)
         if (refused := self._client_refused(request)) is not None:
             return refused
         form = await request.post()
@@ -236,8 +238,8 @@ class GlobusDouble:
         return web.json_response(body)
 
     async def _token(self, request: web.Request) -> web.Response:
-        if self.outage:
-            return _outage(self.outage)
+        if status := self.outage or self.failing.get("dependent_token"):
+            return _outage(status)
         if (refused := self._client_refused(request)) is not None:
             return refused
         form = await request.post()
@@ -261,8 +263,8 @@ class GlobusDouble:
     # --- Groups API ----------------------------------------------------------------------------
 
     async def _my_groups(self, request: web.Request) -> web.Response:
-        if self.outage:
-            return _outage(self.outage)
+        if status := self.outage or self.failing.get("my_groups"):
+            return _outage(status)
         bearer = request.headers.get("Authorization", "").removeprefix("Bearer ")
         issued = next((i for i in self.tokens.values() if i.groups_token == bearer and not i.revoked), None)
         if issued is None:

@@ -1,6 +1,7 @@
 """``first usage``: requests, runs, tokens and outcomes per user, model or cluster, from the usage
-stream (shared/usage_stream.py): a table sorted by tokens, ``--json``, or ``--csv`` with one line
-per record for a site's accounting. Any failure is one line on stderr and exit status 2.
+stream (shared/usage_stream.py): a table sorted by tokens, ``--json``, or ``--csv``: with ``--by``
+the table's rows, without it one line per record for a site's accounting. Any failure is one line
+on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -129,6 +130,16 @@ class Report:
             "total": self.total.as_dict(),
         }
 
+    def csv_rows(self) -> list[list]:
+        """The table as CSV: a header, then one row per user, model or cluster (no total row: a
+        spreadsheet's sum of the column is the total of tokens, though not of requests)."""
+        head = [self.by, "requests", "runs", "prompt_tokens", "completion_tokens", "total_tokens", *OUTCOMES]
+        rows = [head]
+        for key, tally in self.rows():
+            counts = [len(tally.request_ids), tally.runs, tally.prompt_tokens, tally.completion_tokens]
+            rows.append([safe_cell(key), *counts, tally.total_tokens, *(tally.outcomes[o] for o in OUTCOMES)])
+        return rows
+
     def table(self) -> str:
         head = f"{self.records} usage records since {_iso(self.since)} in stream {self.stream}, by {self.by}"
         if self.skipped:
@@ -161,15 +172,28 @@ CSV_FIELDS = (
 )  # fmt: skip
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP, "CSV Injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def safe_cell(value: object) -> object:
+    """Text a user chose (a key's name, a model id) as a CSV cell that a spreadsheet shows as text:
+    a leading apostrophe where it would start a formula. Numbers are left alone."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def csv_row(stored: usage_stream.Stored, r: schema.UsageRecord) -> list:
-    """Every field of the record, times in ISO 8601 UTC; an anonymous run's user is ``anonymous``."""
+    """Every field of the record, times in ISO 8601 UTC; an anonymous run's user is ``anonymous``.
+    Text cells are guarded against formulas (``safe_cell``)."""
     who = r.identity or schema.ANONYMOUS
-    return [
+    return [safe_cell(cell) for cell in [
         _iso(stored.time), stored.seq, r.request_id, r.attempt, r.model, r.endpoint, r.cluster,
         r.worker_id, r.outcome, r.prompt_tokens, r.completion_tokens,
         "" if r.ttft_s is None else r.ttft_s, r.duration_s, _iso(r.created), _iso(r.sent),
         who.user, who.kind, who.name, who.username, who.idp, ";".join(who.groups), who.key_id,
-    ]  # fmt: skip
+    ]]  # fmt: skip
 
 
 def _iso(t: float) -> str:
@@ -179,9 +203,9 @@ def _iso(t: float) -> str:
 
 
 async def _read(nc: NATS, config: cfg.Config, args: argparse.Namespace, since: float) -> Report:
-    report = Report(args.by, since, usage_stream.stream_name(config))
+    report = Report(args.by or "user", since, usage_stream.stream_name(config))
     writer = None
-    if args.csv:
+    if args.csv and not args.by:  # every record; with --by, the table's rows (main)
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(CSV_FIELDS)
     async for stored in usage_stream.read(nc, config, since):
@@ -219,6 +243,8 @@ async def main(config: cfg.Config, args: argparse.Namespace) -> int:
         return 2
     if args.json:
         print(orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2).decode())
+    elif args.csv and args.by:
+        csv.writer(sys.stdout, lineterminator="\n").writerows(report.csv_rows())
     elif not args.csv:
         print(report.table())
     if args.csv and report.skipped:  # the table and the JSON say so themselves

@@ -173,12 +173,19 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def whoami(request: web.Request) -> web.Response:
-    """Who the caller is to this service: their identity, groups and limits."""
+    """Who the caller is to this service: their identity, groups and limits, with the tokens per
+    minute each model they may use serves to all its users together (``models.tokens_per_min``)."""
     identity = request[keys.IDENTITY]
     config = request.app[keys.CONFIG]
     body = msgspec.to_builtins(identity)
     body.setdefault("groups", [])
     body["limits"] = msgspec.to_builtins(limits_for(identity, config))
+    if limits.enabled(config):  # an open deployment runs no limiter: nothing is enforced
+        body["limits"]["models"] = {
+            m.id: {"tokens_per_min": m.tokens_per_min}
+            for m in config.models
+            if m.tokens_per_min and access.may_use(identity, m, config)
+        }
     if (used := limits.usage(request, identity)) is not None:
         body["usage"] = used
     return json_response(body)
@@ -193,8 +200,8 @@ async def first_whoami(request: web.Request) -> web.Response:
             "name": identity.name,
             "username": identity.username,
             "user_group_uuids": identity.groups,
-            "idp_id": identity.idp,
-            "idp_name": identity.idp,
+            "idp_id": identity.idp_id or identity.idp,  # the domain where Globus named no provider
+            "idp_name": identity.idp_name or identity.idp,
             "auth_service": "globus" if identity.kind.startswith("globus") else identity.kind,
         }
     )

@@ -15,9 +15,11 @@ from aiohttp import web
 
 from services.gateway import keys
 from services.gateway.app import create_app
+from services.gateway.auth import keys as key_auth
 from services.gateway.auth.globus import GlobusAuthenticator
 from services.worker.engines.openai_server import free_port
 from shared import config as cfg
+from shared import keystore
 from shared.access_config import GlobusAuthConfig
 from tests.globus_double import GlobusDouble, GlobusIdentity
 from tests.integration.conftest import make_config
@@ -50,12 +52,15 @@ async def globus():
 
 @pytest.fixture
 async def gateway(services, subjects, globus, tmp_path):
-    """``await gateway(models, **auth_globus_fields)``: a gateway that takes Globus tokens only,
-    its globus-sdk pointed at the double."""
+    """``await gateway(models, **auth_globus_fields)``: a gateway that takes Globus tokens only
+    (or the ``methods`` given), its globus-sdk pointed at the double; ``clusters`` replaces the
+    two open clusters a and b."""
     secret = tmp_path / "globus-client-secret"
     secret.write_text(globus.client_secret + "\n")
 
-    async def start(models: list[dict] = (), **fields) -> Gateway:
+    async def start(
+        models: list[dict] = (), *, methods: list[str] = ("globus",), clusters: list[dict] = (), **fields
+    ) -> Gateway:
         settings = {
             "client_id": globus.client_id,
             "client_secret_file": str(secret),
@@ -66,7 +71,8 @@ async def gateway(services, subjects, globus, tmp_path):
         config = make_config(
             [dict(m) for m in models],
             nats={"subject_prefix": subjects.prefix},
-            auth={"methods": ["globus"], "globus": settings},
+            auth={"methods": list(methods), "globus": settings},
+            **({"clusters": [dict(c) for c in clusters]} if clusters else {}),
         )
         app = create_app(config, services.nats_url)
         return Gateway(app, config, await services.gateway(app))
@@ -182,6 +188,8 @@ async def test_the_identity_and_its_active_groups_are_in_whoami(gateway, http, g
     status, first, _ = await get(http, gw, "/resource_server/whoami", token)
     assert status == 200 and first["user_group_uuids"] == [PHYSICS, "g-other"]
     assert first["auth_service"] == "globus" and first["id"] == alice.sub
+    # FIRST's shape: the identity provider's Globus id and display name, from the identity set.
+    assert (first["idp_id"], first["idp_name"]) == (alice.idp, "Argonne National Laboratory")
     assert globus.last_introspection["include"] == "session_info,identity_set_detail"
 
 
@@ -277,6 +285,8 @@ async def test_a_listed_service_account_skips_the_session_checks(gateway, http, 
         "idp": "clients.auth.globus.org",
         "groups": [PHYSICS],
     }
+    status, first, _ = await get(http, gw, "/resource_server/whoami", token)
+    assert (first["idp_id"], first["idp_name"]) == ("clients.auth.globus.org", "https://auth.globus.org")
     unlisted = globus.issue_service("0c0c0c0c-0000-4000-8000-000000000000", "someone else's client")
     status, body, _ = await get(http, gw, "/v1/whoami", unlisted)
     assert (
@@ -308,6 +318,102 @@ async def test_a_model_open_to_a_group_is_hidden_and_refused_to_others_and_serve
     assert [m["id"] for m in listed["data"]] == ["open", "physics"]
     status, body = await chat(http, gw, "physics", member)
     assert status == 200 and body["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("where", ["model", "cluster"])
+async def test_allowed_idp_domains_show_a_model_to_one_domain_and_refuse_it_to_another(
+    gateway, http, globus, services, where
+):
+    """``allowed_idp_domains`` on the model, or on the only cluster that serves it."""
+    if where == "model":
+        models = [{"id": "open"}, {"id": "anl", "allowed_idp_domains": ["anl.gov"]}]
+        clusters = [{"name": "a"}, {"name": "b"}]
+    else:
+        models = [{"id": "open", "clusters": ["a"]}, {"id": "anl", "clusters": ["b"]}]
+        clusters = [{"name": "a"}, {"name": "b", "allowed_idp_domains": ["anl.gov"]}]
+    gw = await gateway(models, clusters=clusters)
+    await services.router(gw.config)
+    await services.worker(gw.config, "anl", cluster="b")
+    alice = globus.issue("alice@anl.gov")
+    carl = globus.issue("carl@uchicago.edu")
+
+    _, listed, _ = await get(http, gw, "/v1/models", carl)
+    assert [m["id"] for m in listed["data"]] == ["open"]
+    status, body = await chat(http, gw, "anl", carl)
+    assert status == 403 and (body["error"]["code"], body["error"]["param"]) == ("permission_denied", "model")
+    assert body["error"]["message"] == (
+        "You may not use the model 'anl': it is open to other groups or identity providers (you signed in "
+        "through uchicago.edu). Ask the service's administrators for access, or sign in with an identity "
+        "they allow."
+    )
+
+    _, listed, _ = await get(http, gw, "/v1/models", alice)
+    assert [m["id"] for m in listed["data"]] == ["open", "anl"]
+    status, body = await chat(http, gw, "anl", alice)
+    assert status == 200 and body["usage"]["completion_tokens"] == 3
+
+
+async def test_whoami_shows_the_tokens_per_minute_of_each_model_the_caller_may_use(gateway, http, globus):
+    gw = await gateway(
+        [
+            {"id": "open"},  # the default: 100,000 tokens/min for all its users together
+            {"id": "physics", "allowed_groups": [PHYSICS], "tokens_per_min": 5000},
+            {"id": "unlimited", "tokens_per_min": 0},
+        ]
+    )
+    member = globus.issue("alice@anl.gov", groups=[PHYSICS])
+    status, body, _ = await get(http, gw, "/v1/whoami", member)
+    assert status == 200
+    assert body["limits"]["models"] == {
+        "open": {"tokens_per_min": 100_000},
+        "physics": {"tokens_per_min": 5000},
+    }
+    assert body["limits"]["model_tokens_per_min"] == 60_000  # the user's own, per model
+    status, body, _ = await get(http, gw, "/v1/whoami", globus.issue("bob@anl.gov"))
+    assert status == 200 and body["limits"]["models"] == {"open": {"tokens_per_min": 100_000}}
+
+
+# --- API keys and Globus tokens at one gateway -----------------------------------------------------------
+
+
+async def test_one_gateway_takes_api_keys_and_globus_tokens_each_as_what_it_is(
+    gateway, http, globus, nc, subjects
+):
+    """``auth.methods = ["keys", "globus"]``: the key bucket on the session's nats-server (written
+    as ``first keys create`` writes it), Globus through the double."""
+    bucket = keystore.bucket_name(make_config([{"id": "m"}], nats={"subject_prefix": subjects.prefix}))
+    kv = await keystore.open_bucket(nc.jetstream(), bucket, create=True)
+    try:
+        key, key_id, _ = await keystore.create(kv, "batch-runner", ["physics"])
+        gw = await gateway([{"id": "m"}], methods=["keys", "globus"])
+        token = globus.issue("alice@anl.gov", groups=[PHYSICS])
+
+        status, body, _ = await get(http, gw, "/v1/whoami", key)
+        assert status == 200
+        assert (body["user"], body["kind"], body["key_id"], body["groups"]) == (
+            "batch-runner", "key", key_id, ["physics"]
+        )  # fmt: skip
+        assert globus.introspections == 0  # a key is never sent to Globus
+        status, body, _ = await get(http, gw, "/resource_server/whoami", key)
+        assert status == 200 and (body["id"], body["auth_service"]) == ("batch-runner", "key")
+
+        status, body, _ = await get(http, gw, "/v1/whoami", token)
+        assert status == 200
+        assert (body["kind"], body["username"], body["groups"]) == ("globus", "alice@anl.gov", [PHYSICS])
+        status, body, _ = await get(http, gw, "/resource_server/whoami", token)
+        assert status == 200 and (body["username"], body["auth_service"]) == ("alice@anl.gov", "globus")
+
+        # Neither: a string Globus does not vouch for, a key of another form, a key nobody made.
+        status, body, _ = await get(http, gw, "/v1/whoami", "not-a-token")
+        assert refused(status, body, 401, "Token introspection: Token is either not active or invalid")
+        status, body, _ = await get(http, gw, "/v1/whoami", "first-nonsense")
+        assert refused(status, body, 401, key_auth.MALFORMED)
+        unknown, _, _ = keystore.new_key()
+        status, body, _ = await get(http, gw, "/v1/whoami", unknown)
+        assert refused(status, body, 401, key_auth.UNKNOWN)
+        assert globus.introspections == 2  # the token, and "not-a-token"
+    finally:
+        await nc.jetstream().delete_key_value(bucket)
 
 
 # --- caching, single flight, Globus down ----------------------------------------------------------------
@@ -426,3 +532,57 @@ async def test_a_stream_outlives_its_token_and_the_token_is_then_refused(gateway
     chunks = [orjson.loads(e) for e in events[:-1]]
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"  # its natural end
     assert chunks[-1]["usage"]["completion_tokens"] > 10
+
+
+# --- Globus failing at the groups step ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("endpoint", ["dependent_token", "my_groups"])
+async def test_globus_failing_at_the_groups_step_is_503_with_retry_after_and_refuses_no_token(
+    gateway, http, globus, endpoint
+):
+    """Introspection passes, then the dependent-token grant or the Groups API answers 500."""
+    gw = await gateway()
+    token = globus.issue("alice@anl.gov", groups=[PHYSICS])
+    globus.failing[endpoint] = 500
+    status, body, headers = await get(http, gw, "/v1/whoami", token)
+    assert refused(
+        status, body, 503, "Globus is failing (500) and cannot check the token now; try again shortly."
+    )
+    assert headers["Retry-After"] == "5"
+    del globus.failing[endpoint]  # Globus is back: the token was not refused for its failure
+    status, body, _ = await get(http, gw, "/v1/whoami", token)
+    assert status == 200 and body["groups"] == [PHYSICS]
+
+
+async def test_a_dependent_token_grant_that_refuses_the_gateway_is_503_for_the_operators(
+    gateway, http, globus
+):
+    """The token endpoint's 401 is about the gateway's own client (invalid_client), not the token."""
+    gw = await gateway()
+    token = globus.issue("alice@anl.gov")
+    globus.failing["dependent_token"] = 401
+    for _ in range(2):  # not cached against the token
+        status, body, headers = await get(http, gw, "/v1/whoami", token)
+        assert refused(
+            status,
+            body,
+            503,
+            "Token introspection: Globus Auth refused this gateway's client credentials "
+            "(auth.globus.client_id and its secret); the operators must fix them.",
+        )
+        assert headers["Retry-After"] == "5"
+    assert globus.introspected[token] == 2
+    del globus.failing["dependent_token"]
+    assert (await get(http, gw, "/v1/whoami", token))[0] == 200
+
+
+async def test_a_groups_api_that_refuses_the_groups_token_is_firsts_401(gateway, http, globus):
+    gw = await gateway()
+    token = globus.issue("alice@anl.gov")
+    globus.failing["my_groups"] = 401
+    status, body, _ = await get(http, gw, "/v1/whoami", token)
+    assert status == 401 and body["error"]["code"] == "unauthorized"
+    assert body["error"]["message"].startswith(
+        "Token introspection: Error: Could not recover user group memberships. Globus answered 401"
+    )

@@ -165,6 +165,18 @@ async def test_csv_has_one_line_per_record_with_every_field(deployment, nats_url
     assert all(datetime.datetime.fromisoformat(line["time"]).tzinfo for line in lines)
 
 
+async def test_by_with_csv_is_the_table_as_csv(deployment, nats_url):
+    rc, out, err = await first_usage(deployment, nats_url, "--by", "model", "--csv")
+    assert rc == 0, err
+    assert "skipped 1 messages" in err
+    assert list(csv.reader(io.StringIO(out))) == [
+        ["model", "requests", "runs", "prompt_tokens", "completion_tokens", "total_tokens",
+         "ok", "failed", "cancelled", "retried"],
+        ["mixtral", "2", "2", "105", "405", "510", "1", "0", "1", "0"],
+        ["llama", "3", "4", "47", "120", "167", "2", "1", "0", "1"],
+    ]  # fmt: skip
+
+
 async def test_since_leaves_out_older_records(deployment, nats_url, nc, subjects):
     config = load_config(deployment)
     newest = [s async for s in usage_stream.read(nc, config, 0.0)][-1]

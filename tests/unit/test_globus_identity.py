@@ -67,6 +67,7 @@ def test_a_listed_service_account_is_itself_and_meets_no_session_or_policy_check
         SERVICE,
         "clients.auth.globus.org",
         "https://auth.globus.org",
+        idp_id="clients.auth.globus.org",  # FIRST's: the domain of the client's username
     )
 
 
@@ -91,7 +92,7 @@ def test_an_unlisted_client_must_pass_the_session_checks():
 def test_the_first_session_identity_from_an_allowed_domain_is_chosen():
     gmail, anl, uchicago = (
         identity("bob@gmail.com"),
-        identity("bob@anl.gov", "Bob"),
+        identity("bob@anl.gov", "Bob", "Argonne National Laboratory"),
         identity("bob@uchicago.edu"),
     )
     data = introspection(gmail, anl, uchicago, session=[gmail, anl, uchicago])
@@ -102,6 +103,7 @@ def test_the_first_session_identity_from_an_allowed_domain_is_chosen():
         "anl.gov",
         "Bob",
     )
+    assert (found.idp_id, found.idp_name) == ("idp-anl.gov", "Argonne National Laboratory")
 
 
 def test_a_linked_identity_not_logged_in_this_session_does_not_count():
@@ -130,6 +132,7 @@ def test_with_no_domains_configured_a_token_without_session_stands_for_its_prima
     data = introspection(identity("eve@example.org"), session=[], name="Eve")
     found = rules.candidate(data, settings())
     assert (found.user, found.username, found.name) == ("sub-eve@example.org", "eve@example.org", "Eve")
+    assert (found.idp_id, found.idp_name) == ("idp-example.org", "example.org")  # its identity's provider
 
 
 def test_malformed_session_info_is_401():
@@ -196,7 +199,9 @@ def alice(**changes) -> rules.Candidate:
 
 
 def test_an_admitted_identity_carries_its_groups_and_domain():
-    identity = rules.admit(alice(), ["g1", "g2"], settings(groups=["g2"], groups_per_idp={"anl.gov": ["g1"]}))
+    identity = rules.admit(
+        alice(idp_id="idp-anl"), ["g1", "g2"], settings(groups=["g2"], groups_per_idp={"anl.gov": ["g1"]})
+    )
     assert (identity.user, identity.kind, identity.username, identity.idp, identity.groups) == (
         "sub-a",
         "globus",
@@ -204,6 +209,7 @@ def test_an_admitted_identity_carries_its_groups_and_domain():
         "anl.gov",
         ["g1", "g2"],
     )
+    assert (identity.idp_id, identity.idp_name) == ("idp-anl", "Argonne National Laboratory")
 
 
 def test_the_groups_an_identity_provider_requires_come_first_and_name_the_provider():

@@ -133,3 +133,36 @@ def test_since_takes_a_date_in_utc_or_a_time_with_its_offset():
 def test_a_since_that_is_neither_fails_with_an_example(text):
     with pytest.raises(usage.Failed, match="give a duration"):
         usage.parse_since(text, now=0)
+
+
+def test_by_as_csv_is_a_header_and_one_row_per_group_by_tokens():
+    rows = report("user", RECORDS).csv_rows()
+    assert rows == [
+        ["user", "requests", "runs", "prompt_tokens", "completion_tokens", "total_tokens", *usage.OUTCOMES],
+        ["anonymous", 2, 2, 107, 302, 409, 1, 0, 1, 0],
+        ["alice", 2, 3, 25, 21, 46, 1, 1, 0, 1],
+    ]
+
+
+@pytest.mark.parametrize("text", ['=HYPERLINK("http://x")', "+1+2", "-2+3", "@SUM(A1)", "\tx", "\rx"])
+def test_a_cell_a_spreadsheet_would_run_as_a_formula_gets_a_leading_apostrophe(text):
+    assert usage.safe_cell(text) == "'" + text
+
+
+@pytest.mark.parametrize("value", ["alice", "a=b", "", 3, -3, 0.25])
+def test_other_cells_and_numbers_are_left_alone(value):
+    assert usage.safe_cell(value) == value
+
+
+def test_names_users_chose_are_guarded_in_both_csvs():
+    """An API key's name is whatever ``first keys create`` was given."""
+    evil = schema.Identity(user="=cmd|' /C calc'!A0", kind="key", name="@me", groups=["-g"])
+    rec = record("r1", identity=evil, model="+m")
+    row = dict(
+        zip(usage.CSV_FIELDS, usage.csv_row(usage_stream.Stored(1, 1_700_000_000.0, b""), rec), strict=True)
+    )
+    assert (row["user"], row["identity_name"], row["groups"], row["model"]) == (
+        "'=cmd|' /C calc'!A0", "'@me", "'-g", "'+m"
+    )  # fmt: skip
+    assert row["prompt_tokens"] == 0 and row["request_id"] == "r1"
+    assert report("user", [rec]).csv_rows()[1][0] == "'=cmd|' /C calc'!A0"

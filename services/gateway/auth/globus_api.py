@@ -49,13 +49,7 @@ class GlobusApi:
             response = _call(auth.post, "/v2/oauth2/token/introspect", data=body, encoding="form")
         except globus_sdk.GlobusAPIError as exc:
             if exc.http_status in (401, 403):
-                # Globus refuses the gateway itself, not the token: no user can get in until an
-                # operator fixes the client, and no token is to blame for it.
-                raise errors.NoCapacity(
-                    "Token introspection: Globus Auth refused this gateway's client credentials "
-                    "(auth.globus.client_id and its secret); the operators must fix them.",
-                    retry_after_s=RETRY_AFTER_S,
-                ) from None
+                raise _client_refused() from None
             raise errors.Unauthorized(
                 "Token introspection: Could not introspect token with Globus /v2/oauth2/token/introspect. "
                 + _reason(exc)
@@ -73,6 +67,8 @@ class GlobusApi:
             dependent = _call(auth.oauth2_get_dependent_tokens, token)
             groups_token = dependent.by_resource_server.get(GROUPS_RESOURCE_SERVER)
         except globus_sdk.GlobusAPIError as exc:
+            if exc.http_status in (401, 403):  # invalid_client: Globus refuses the gateway, not the token
+                raise _client_refused() from None
             raise errors.Unauthorized(
                 f"Token introspection: Could not recover dependent access token for {GROUPS_RESOURCE_SERVER}. "
                 + _reason(exc)
@@ -157,6 +153,17 @@ def _call(method, *args, **kwargs):
 
 def _reason(exc: globus_sdk.GlobusAPIError) -> str:
     return f"Globus answered {exc.http_status} {exc.code}: {str(exc.message or '')[:200]}"
+
+
+def _client_refused() -> errors.NoCapacity:
+    # Globus refuses the gateway itself, not the token (401/403 from an endpoint that checks the
+    # gateway's Basic auth): no user can get in until an operator fixes the client, and no token
+    # is to blame for it, so nothing is cached against the token.
+    return errors.NoCapacity(
+        "Token introspection: Globus Auth refused this gateway's client credentials "
+        "(auth.globus.client_id and its secret); the operators must fix them.",
+        retry_after_s=RETRY_AFTER_S,
+    )
 
 
 def _unreadable(what: str) -> errors.NoCapacity:

@@ -36,6 +36,7 @@ class Candidate:
     username: str
     domain: str  # the identity provider's domain: the part of the username after "@"
     idp_name: str  # the identity provider's display name (service accounts: the issuer)
+    idp_id: str = ""  # the identity provider's id, a UUID (service accounts: the domain)
 
 
 def domain_of(username: str) -> str:
@@ -73,7 +74,8 @@ def service_account(introspection: Mapping[str, Any], settings: GlobusAuthConfig
     client_id, name, iss = (_text(introspection.get(k)) for k in ("client_id", "name", "iss"))
     if not (client_id and name and iss and domain_of(username)):
         return None
-    return Candidate(client_id, "globus_service", name, username, domain_of(username), iss)
+    domain = domain_of(username)
+    return Candidate(client_id, "globus_service", name, username, domain, iss, idp_id=domain)
 
 
 def session_identity(introspection: Mapping[str, Any], settings: GlobusAuthConfig) -> Candidate:
@@ -104,12 +106,20 @@ def session_identity(introspection: Mapping[str, Any], settings: GlobusAuthConfi
                 username=username,
                 domain=domain_of(username),
                 idp_name=_text(identity.get("identity_provider_display_name")) or domain_of(username),
+                idp_id=_text(identity.get("identity_provider")),
             )
     if not allowed and not seen and _text(introspection.get("sub")):
-        username = _text(introspection.get("username"))
+        sub, username = _text(introspection["sub"]), _text(introspection.get("username"))
         name = _text(introspection.get("name"))
+        primary = next((i for i in details if isinstance(i, Mapping) and i.get("sub") == sub), {})
         return Candidate(
-            _text(introspection["sub"]), "globus", name, username, domain_of(username), domain_of(username)
+            sub,
+            "globus",
+            name,
+            username,
+            domain_of(username),
+            _text(primary.get("identity_provider_display_name")) or domain_of(username),
+            idp_id=_text(primary.get("identity_provider")),
         )
     who = ", ".join(_who(i) for i in seen) or "Unknown (no active session found)"
     raise errors.Forbidden(
@@ -163,6 +173,8 @@ def admit(found: Candidate, groups: list[str], settings: GlobusAuthConfig) -> sc
         username=found.username,
         idp=found.domain[:MAX_FIELD],
         groups=[g for g in groups if len(g) <= MAX_FIELD][:MAX_GROUPS],
+        idp_id=found.idp_id[:MAX_FIELD],
+        idp_name=found.idp_name[:MAX_FIELD],
     )
 
 
