@@ -33,6 +33,21 @@ def cluster_admits(identity: schema.Identity, cluster: cfg.ClusterConfig, config
     return _admits(identity, cluster.allowed_groups, cluster.allowed_idp_domains)
 
 
+def clusters_open_to(
+    identity: schema.Identity, model: cfg.ModelConfig, config: cfg.Config
+) -> tuple[str, ...] | None:
+    """The model's clusters this identity may use, or None when it may use every one of them (the
+    usual case: nothing to narrow). A cluster's allowed groups and IdP domains bind unpinned
+    requests too, not only FIRST's pinned paths."""
+    if identity.kind == "anonymous" and "none" in config.auth.methods:
+        return None
+    names = config.clusters_for(model)
+    allowed = tuple(
+        n for n in names if (c := config.cluster(n)) is None or cluster_admits(identity, c, config)
+    )
+    return None if len(allowed) == len(names) else allowed
+
+
 def may_use_on(
     identity: schema.Identity, model: cfg.ModelConfig, cluster: cfg.ClusterConfig, config: cfg.Config
 ) -> bool:

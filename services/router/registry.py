@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from shared import schema
@@ -88,10 +88,16 @@ class Registry(WorkerBook):
     # --- the choice ----------------------------------------------------------------------------
 
     def pick(
-        self, model: str, exclude: frozenset[str] | set[str] = frozenset(), *, cluster: str = ""
+        self,
+        model: str,
+        exclude: frozenset[str] | set[str] = frozenset(),
+        *,
+        cluster: str = "",
+        clusters: Collection[str] = (),
     ) -> WorkerEntry | None:
         """The least-loaded ready worker with a free slot in the best cluster of the best tier, or
-        None. ``cluster``: only that cluster's workers (a pinned request)."""
+        None. ``cluster``: only that cluster's workers (a pinned request); ``clusters``: only
+        those clusters' (the ones its caller may use)."""
         groups = self._groups.get(model)
         if not groups:
             return None
@@ -99,6 +105,8 @@ class Registry(WorkerBook):
             if (only := groups.get(cluster)) is None:
                 return None
             groups = {cluster: only}
+        elif clusters:
+            groups = {c: g for c, g in groups.items() if c in clusters}
         self._mark_stale()
         for maintenance, stale in _TIERS:
             tier = int(stale)

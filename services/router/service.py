@@ -25,6 +25,7 @@ from nats.aio.client import Client as NATS
 
 from services.router import callers
 from services.router.affinity import Sessions
+from services.router.cluster_access import ClusterAccess
 from services.router.dispatch import Dispatches
 from services.router.handover import Handover
 from services.router.holding import Held, Queues
@@ -36,7 +37,7 @@ from shared import config as cfg
 from shared.cancels import Cancels
 from shared.children import cancel_and_wait
 from shared.connect import unsubscribe
-from shared.discovery import Registration
+from shared.discovery import Registration, answerable
 from shared.lifecycle import Lifecycle
 from shared.subjects import ROUTER_SERVICE, ROUTERS_QUEUE, Subjects
 from shared.supervise import Throttle, every, guarded
@@ -65,6 +66,7 @@ class Router(Lifecycle):
         self._cancelled = Cancels()
         self._published: dict[tuple[str, str], int] = {}  # the length each queue's last Demand said
         self.maintenance = clusterstate.MaintenanceFollower(nc, config, self._maintenance_changed)
+        self.access = ClusterAccess(config, self.registry, self.maintenance)
         self.request_events = RequestEvents(events.EventPublisher(nc, subjects, self.router_id))
         self.handover = Handover(
             nc, subjects, self.router_id, registry=self.registry, sessions=self.sessions,
@@ -183,7 +185,16 @@ class Router(Lifecycle):
             request = msgspec.structs.replace(request, model=model.id)
             data = schema.encode(request)
         cluster = request.cluster
-        if cluster and (err := self._refuse_pinned(model, cluster)) is not None:
+        if not cluster and self.access.active:  # its caller may use only some of the clusters
+            try:
+                cluster = self.access.place(request.identity, model)
+            except errors.FirstError as err:
+                await self._send(request.reply_to, err.to_wire(rid, request.attempt))
+                return
+            if cluster:
+                request = msgspec.structs.replace(request, cluster=cluster)
+                data = schema.encode(request)
+        if cluster and (err := self.access.refuse_pinned(model, cluster, request.identity)) is not None:
             await self._send(request.reply_to, err.to_wire(rid, request.attempt))
             return
         queue = self.held.of(model.id, cluster)
@@ -193,7 +204,7 @@ class Router(Lifecycle):
             else self.sessions.preferred(request) or self.registry.pick(model.id, cluster=cluster)
         )
         # The bound is on requests that wait: one a worker can take now is never refused for it.
-        if entry is None and self._waiting(model.id) >= self.settings.max_queue:
+        if entry is None and self._waiting(model.id, cluster) >= self.settings.max_queue:
             err = errors.NoCapacity(
                 f"too many requests are waiting for '{model.id}'", retry_after_s=self.settings.retry_after_s
             )
@@ -209,17 +220,11 @@ class Router(Lifecycle):
         else:
             await self._hold(held)
 
-    def _refuse_pinned(self, model: cfg.ModelConfig, cluster: str) -> errors.FirstError | None:
-        """Why a request pinned to this cluster cannot be served there, if it cannot."""
-        if cluster not in self.config.clusters_for(model) or self.config.cluster(cluster) is None:
-            return errors.EndpointNotFound.pinned(cluster, model.framework, model.id)
-        if (message := self.maintenance.message(cluster)) is not None:
-            return errors.ClusterUnderMaintenance(message)
-        return None
-
-    def _waiting(self, model: str) -> int:
-        """Requests for the model waiting here and (as their Demand says) at other routers."""
-        return self.held.held(model) + self.view.demand.queued(model)
+    def _waiting(self, model: str, cluster: str) -> int:
+        """Requests in this request's queue (the model's, or those pinned to ``cluster``), here and
+        (as their Demand says) at other routers: each queue has its own bound, so requests waiting
+        for a cold cluster never turn away those any cluster may serve."""
+        return len(self.held.of(model, cluster)) + self.view.demand.queued(model, cluster=cluster)
 
     def _maintenance_changed(self, clusters: dict[str, str]) -> None:
         self.registry.maintenance = set(clusters)
@@ -329,6 +334,8 @@ class Router(Lifecycle):
 
     @guarded
     async def _on_status(self, msg) -> None:
+        if not answerable(msg.reply):  # an inbox only: no caller may aim the answer at our subjects
+            return
         own: dict[str, int] = {}
         for (model, _), q in self.held.all():
             own[model] = own.get(model, 0) + len(q)

@@ -226,6 +226,30 @@ async def test_a_client_cannot_publish_heartbeats_demand_or_node_events(stack):
     assert not [m.subject for m in heard if m.data == b"{}"]  # the stack's traffic, none of hers
 
 
+async def test_a_status_request_cannot_aim_the_routers_answer_at_the_stacks_subjects(stack):
+    """A router answers ``status`` by its own right (allow_responses) to whatever reply subject the
+    request names: it must answer only an inbox, or alice could make it write into bob's reply
+    stream, the usage stream (kept on disk), a heartbeat or the demand."""
+    admin = await stack.connect("admin")
+    targets = [S.reply_stream("bob", "r1"), S.usage, S.heartbeat("a", "a-n0"), S.demand]
+    written: list = []
+
+    async def hear(msg) -> None:
+        if b"status_reply" in msg.data:  # the tag of a StatusReply, in msgpack
+            written.append(msg.subject)
+
+    for target in targets:
+        await admin.subscribe(target, cb=hear)
+    await admin.flush()
+    alice = await stack.probe("alice")
+    for target in targets:
+        await alice.nc.publish(S.status, schema.encode(schema.StatusRequest()), reply=target)
+    answer = await alice.nc.request(S.status, schema.encode(schema.StatusRequest()), timeout=5)
+    assert msgspec.msgpack.decode(answer.data, type=schema.StatusReply).router_id  # her inbox is answered
+    await admin.flush()
+    assert written == []
+
+
 async def test_a_worker_takes_only_its_own_dispatches(stack):
     worker = await stack.probe("a-n1")
     for subject in (S.worker_infer("a-n0"), S.worker_infer_all, S.infer, S.infer_users, S.reply_all,

@@ -75,6 +75,28 @@ async def test_a_pinned_request_waiting_for_a_cold_cluster_delays_no_unpinned_on
     assert await asyncio.wait_for(waiting, timeout=10) == "b-w1"
 
 
+async def test_requests_waiting_for_a_cold_cluster_do_not_fill_the_queue_of_the_rest(services, subjects):
+    """``router.max_queue`` bounds each queue: two requests pinned to cold b fill theirs, and one that
+    any cluster may serve still waits for busy a's slot instead of getting 503."""
+    config = make_config(
+        [{"id": "m", "capacity": 1, "engine": {"kind": "sim", "ttft_ms": 300, "itl_ms": 1}}],
+        nats={"subject_prefix": subjects.prefix},
+        router={"max_queue": 2, "queue_timeout_s": 30},
+    )
+    router = await services.router(config)
+    await services.worker(config, "m", cluster="a", worker_id="a-w1")
+    client = await services.client()
+    cold = [asyncio.create_task(client.complete("m", "chat", chat(), cluster="b")) for _ in range(2)]
+    await eventually(lambda: len(router.pinned.get(("m", "b"), ())) == 2, what="two held for b")
+    with pytest.raises(errors.NoCapacity):  # b's own queue is full
+        await client.complete("m", "chat", chat(), cluster="b")
+    results = await asyncio.gather(*(client.complete("m", "chat", chat()) for _ in range(2)))
+    assert [r.worker_id for r in results] == ["a-w1", "a-w1"]  # one ran, one waited its turn
+    for task in cold:
+        task.cancel()
+    await asyncio.gather(*cold, return_exceptions=True)
+
+
 async def test_requests_pinned_and_not_waiting_for_one_cluster_are_served_oldest_first(services, subjects):
     """A worker that comes up takes from its cluster's pinned queue and the model's queue alike, the
     older request first: neither kind waits behind the other's queue."""
