@@ -49,6 +49,7 @@ class _Group:
     live: list[int] = field(default_factory=lambda: [0, 0])  # workers whose current item is in the heap
     free: list[int] = field(default_factory=lambda: [0, 0])  # free slots of ready workers
     slots: list[int] = field(default_factory=lambda: [0, 0])  # capacity of ready workers
+    waiting: list[int] = field(default_factory=lambda: [0, 0])  # their engines' own queues
 
 
 @dataclass(slots=True)
@@ -63,12 +64,15 @@ class _Place:
     tier: int = 0
     free: int = 0
     slots: int = 0
+    waiting: int = 0
     in_heap: bool = False
 
 
 def cluster_score(group: _Group, tier: int) -> tuple[float, int, str]:
-    """Lower is better: the cluster's share of ready slots in use, then fewer free slots, by name."""
-    return (1.0 - group.free[tier] / group.slots[tier], -group.free[tier], group.cluster)
+    """Lower is better: the cluster's load (its ready slots in use, plus the requests its engines
+    report waiting in their own queues, as a share of its slots), then more free slots, by name."""
+    slots, free = group.slots[tier], group.free[tier]
+    return ((slots - free + group.waiting[tier]) / slots, -free, group.cluster)
 
 
 class Registry(WorkerBook):
@@ -210,6 +214,7 @@ class Registry(WorkerBook):
         if (group := place.group) is not None:
             group.free[place.tier] -= place.free
             group.slots[place.tier] -= place.slots
+            group.waiting[place.tier] -= place.waiting
             if place.in_heap:
                 group.live[place.tier] -= 1
                 if not group.live[place.tier]:  # nothing current left: drop the outdated items at once
@@ -230,8 +235,10 @@ class Registry(WorkerBook):
         tier = int(place.stale)
         free = max(0, e.free)
         place.group, place.tier, place.free, place.slots = group, tier, free, e.beat.capacity
+        place.waiting = e.beat.engine.waiting or 0
         group.free[tier] += free
         group.slots[tier] += e.beat.capacity
+        group.waiting[tier] += place.waiting
         if free:
             heap = group.heaps[tier]
             heapq.heappush(heap, (load_key(e), e.worker_id, place.version, place))

@@ -44,6 +44,14 @@ def test_picks_the_cluster_with_the_larger_share_of_free_slots(registry):
     assert picked(registry) == "a-light"
 
 
+def test_a_cluster_whose_engines_report_a_queue_counts_as_that_much_busier(registry):
+    registry.observe(beat("a-1", "a", in_flight=1, waiting=3))  # our count says 3 of 4 free, but
+    registry.observe(beat("b-1", "b", in_flight=2))  # the engine holds 3 more than it runs
+    assert picked(registry) == "b-1"
+    registry.observe(beat("a-1", "a", in_flight=1, waiting=0))
+    assert picked(registry) == "a-1"
+
+
 def test_stale_cluster_is_avoided_while_a_fresh_one_can_serve(registry, clock):
     registry.observe(beat("idle-but-silent", "a"))
     registry.observe(beat("busy", "b", in_flight=3))
@@ -123,8 +131,9 @@ def reference(registry: Registry, exclude: set[str]) -> set[str]:
         for name, es in clusters.items():
             free = sum(max(0, e.free) for e in es)
             slots = sum(e.beat.capacity for e in es)
+            waiting = sum(e.beat.engine.waiting or 0 for e in es)
             if free:
-                scored.append(((1 - free / slots, -free, name), es))
+                scored.append((((slots - free + waiting) / slots, -free, name), es))
         for _, es in sorted(scored, key=lambda item: item[0]):
             candidates = [e for e in es if e.free > 0 and e.worker_id not in exclude]
             if candidates:
