@@ -16,7 +16,7 @@ import structlog
 from services.admin import target
 from shared import config as cfg
 from shared import natsauth
-from shared.connect import close, connect
+from shared.connect import ConnectFailed, close, connect
 from shared.natsauth import Credentials
 from shared.natsserver import EmbeddedNats
 from shared.subjects import Subjects
@@ -260,12 +260,17 @@ async def _start_exporter(
 
 
 async def exporter(config: cfg.Config, args: argparse.Namespace) -> int:
-    url = _nats_url(config, args)
+    from services.admin.target import target
+
+    try:  # as the admin commands do, it finds `first up`'s embedded server, and reads as ops
+        url, credentials = target(config, args, role="ops")
+    except ConnectFailed as exc:
+        raise UsageError(str(exc)) from None
     host = args.host or config.metrics.exporter_host
     port = args.port if args.port is not None else config.metrics.exporter_port or EXPORTER_PORT
     stop = _stop_event()
     async with contextlib.AsyncExitStack() as stack:
-        await _start_exporter(stack, config, url, _credentials(config, args), host, port)
+        await _start_exporter(stack, config, url, credentials, host, port)
         await stop.wait()
     return 0
 

@@ -33,7 +33,7 @@ async def one_line(prog: str, run: Awaitable[int]) -> int:
 
 
 URL_FILE = "url"
-ADMIN_SEED = "credentials/admin.nk"
+ADMIN_SEED = "credentials/admin.nk"  # every admin command's; `first exporter` reads as ops
 
 
 def embedded_url_file(config: cfg.Config) -> Path | None:
@@ -41,8 +41,9 @@ def embedded_url_file(config: cfg.Config) -> Path | None:
     return Path(store) / URL_FILE if store else None
 
 
-def target(config: cfg.Config, args: argparse.Namespace) -> tuple[str, str]:
-    """``(url, credentials file)``; ConnectFailed says what to pass when nothing names a server."""
+def target(config: cfg.Config, args: argparse.Namespace, role: str = "admin") -> tuple[str, str]:
+    """``(url, credentials file)``; ConnectFailed says what to pass when nothing names a server.
+    With the embedded server, the seed of ``role`` (admin, or ops for a read-only command)."""
     url = getattr(args, "nats", "") or config.nats.url
     credentials = getattr(args, "credentials", "") or config.nats.credentials
     if url:
@@ -60,7 +61,8 @@ def target(config: cfg.Config, args: argparse.Namespace) -> tuple[str, str]:
             f"no embedded NATS server has written {url_file}: start 'first up' with this config,"
             " or pass --nats"
         ) from None
-    return url, credentials or str(Path(config.nats.embedded_store_dir) / ADMIN_SEED)
+    seed = ADMIN_SEED if role == "admin" else f"credentials/{role}.nk"
+    return url, credentials or str(Path(config.nats.embedded_store_dir) / seed)
 
 
 async def connect(config: cfg.Config, args: argparse.Namespace, name: str) -> tuple[NATS, str]:

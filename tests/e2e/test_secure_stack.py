@@ -12,17 +12,21 @@ in its log: each such line would be a role in shared/natsauth.py missing somethi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 
+import aiohttp
 import nats
 import nats.errors
 import openai
 import orjson
 import pytest
 
+from services.worker.engines.openai_server import free_port
 from shared.client import FirstClient
 from shared.connect import connect
 from shared.subjects import Subjects
+from tests.scrape import scrape, value
 from tests.support import ROOT, Stack, eventually
 
 CONFIG = """
@@ -90,6 +94,29 @@ def violations(stack: Stack) -> list[str]:
     return [line for line in stack.log_path.read_text().splitlines() if "nats_permission_violation" in line]
 
 
+async def exporter_reads(stack: Stack) -> None:
+    """``first exporter --config`` finds the stack's embedded server and reads it as ops."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "exporter", "--config", str(stack.config_path), "--port", str(port),
+        cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+
+        async def a_ready_worker() -> bool:
+            with contextlib.suppress(aiohttp.ClientError):
+                samples = await scrape(f"http://127.0.0.1:{port}/metrics")
+                return (
+                    value(samples, "first_workers", model="sim/open", cluster="c1", state="ready") or 0
+                ) >= 1
+
+        await eventually(a_ready_worker, timeout=20, interval=0.2, what="first exporter to see the worker")
+    finally:
+        proc.terminate()
+        _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+
+
 @pytest.fixture
 async def stack(tmp_path):
     stack = await Stack(CONFIG, tmp_path, name="secure").start()
@@ -137,6 +164,7 @@ async def test_keys_native_clients_and_operators_on_a_secured_stack(stack, tmp_p
         return users.get("bob", 0) >= 2 and users.get("alice") == 1
 
     await eventually(both_counted, timeout=10, interval=0.3, what="bob's and alice's usage records")
+    await exporter_reads(stack)
     assert violations(stack) == []
 
     # The store outlives the stack: the same key works after a restart.
