@@ -2,7 +2,8 @@
 
 The stack is ``bench.requestpath``'s (``first up`` with an embedded nats-server, and one worker
 whose ``openai`` engine is the zero-delay ``tests.mock_engine``), started afresh for each arm in
-each round; the arms alternate (off, on, on, off, ...; ``--rounds`` each) and medians are compared.
+each round; the arms alternate (off, on, globus; then on, globus, off; ...: the order rotates each
+round, ``--rounds`` each; ``--arms`` picks some) and medians are compared.
 
 - ``off``: ``auth.methods = ["none"]`` (the default), no ``[limits]``: no authenticator, no
   limiter. It still has the auth middleware (which finds no authenticator), the anonymous identity
@@ -11,13 +12,20 @@ each round; the arms alternate (off, on, on, off, ...; ``--rounds`` each) and me
   NATS, with the admin seed from ``nats.embedded_store_dir``), and the four ``[limits.user]`` limits
   and the model's ``tokens_per_min``, so large none refuses: the key check, the limiter's check,
   its x-ratelimit headers, its count of each answer's tokens and its summary every 0.1 s.
+- ``globus``: as ``on``, but ``auth.methods = ["globus"]``: a cached Globus access token. Its
+  ``[auth.globus]`` points at the Globus Auth double (tests/globus_double.py, a real aiohttp server
+  run in this parent process, whose event loop is idle while the load child runs), with an allowed
+  identity-provider domain and a required group; the double issues one token for one identity, a
+  member of that group. The gateway introspects it (and reads its groups) once, when the stack is
+  first asked, and serves every measured request from its cache: the double's introspections are
+  printed for each arm's run (expect 1, and 0 during the measured rows).
 
-In both arms the usage stream exists (the router makes it) and NATS permissions are on (one nkey
+In every arm the usage stream exists (the router makes it) and NATS permissions are on (one nkey
 user per role). Rows: requestpath's whole answers (``/v1/completions``, 16 tokens) from 1 and 64
 clients. ``bench.loadgen`` sends no headers: this module's ``load`` child runs it with
-``Authorization: Bearer <key>`` added. Stack CPU per request from /proc, as in requestpath.
+``Authorization: Bearer <key or token>`` added. Stack CPU per request from /proc, as in requestpath.
 
-Run: .venv/bin/python -m bench.auth [--seconds 5] [--rounds 3]
+Run: .venv/bin/python -m bench.auth [--seconds 5] [--rounds 3] [--arms off,on,globus]
 """
 
 from __future__ import annotations
@@ -37,13 +45,12 @@ import orjson
 
 from bench import requestpath as rp
 from tests import support
+from tests.globus_double import GlobusDouble, GlobusIdentity
 
-ARMS = ("off", "on")
+ARMS = ("off", "on", "globus")
 CLIENTS = (rp.SWEEP[0].clients, rp.SWEEP[-1].clients)  # 1 and 64, whole answers
 BIG_TPM = 10**12
-ON = f"""tokens_per_min = {BIG_TPM}
-[auth]
-methods = ["keys"]
+LIMITS = f"""tokens_per_min = {BIG_TPM}
 [limits.user]
 requests_per_s = 1e9
 model_requests_per_s = 1e9
@@ -51,14 +58,46 @@ tokens_per_min = {BIG_TPM}
 model_tokens_per_min = {BIG_TPM}
 """
 TARGET_ADDED_P50_MS, TARGET_RATIO_64 = 0.2, 0.90
+GROUP = "3f1e0c6a-0000-4000-8000-00000000be7c"  # a Globus group id: the bench user's, and required
+USER = GlobusIdentity("bench@anl.gov", "Bench")
 
 
-def config_text(arm: str, engine_url: str, store: Path) -> str:
-    """requestpath's config with the store of the embedded server's seeds, and in ``on`` auth and limits."""
+def config_text(arm: str, engine_url: str, store: Path, globus: dict | None = None) -> str:
+    """requestpath's config with the store of the embedded server's seeds; in ``on`` and ``globus``,
+    the limits and that arm's credential (``globus``: the ``[auth.globus]`` settings)."""
     text = rp.CONFIG.format(model=rp.MODEL, engine_url=engine_url, served=rp.SERVED)
     text = text.replace("[nats]\n", f"[nats]\nembedded_store_dir = {str(store)!r}\n", 1)
     assert "embedded_store_dir" in text and text.rstrip().endswith("}"), "requestpath.CONFIG changed"
-    return text + (ON if arm == "on" else "")
+    if arm == "off":
+        return text
+    auth = '[auth]\nmethods = ["keys"]\n'
+    if arm == "globus":
+        fields = "".join(f"{k} = {orjson.dumps(v).decode()}\n" for k, v in (globus or {}).items())
+        auth = f'[auth]\nmethods = ["globus"]\n[auth.globus]\n{fields}'
+    return text + LIMITS + auth
+
+
+def globus_settings(double: GlobusDouble, folder: Path) -> dict:
+    """``[auth.globus]`` pointed at the double, as tests/integration/test_auth_globus.py does: its
+    client's secret in a file, the bench user's domain allowed and its group required."""
+    (secret := folder / "globus-client-secret").write_text(double.client_secret + "\n")
+    return {
+        "client_id": double.client_id,
+        "client_secret_file": str(secret),
+        "auth_url": double.url,
+        "groups_url": double.url,
+        "allowed_idp_domains": [USER.domain],
+        "groups": [GROUP],
+    }
+
+
+class Globus:
+    """The Globus Auth double, run on this process's event loop for every ``globus`` arm, and the
+    one token it issued (one identity, a member of ``GROUP``)."""
+
+    def __init__(self, double: GlobusDouble):
+        self.double = double
+        self.token = double.issue(USER, groups=[GROUP], lifetime_s=7 * 24 * 3600.0)
 
 
 async def _make_key(stack: support.Stack) -> str:
@@ -75,13 +114,16 @@ async def _make_key(stack: support.Stack) -> str:
     return out.decode().strip()
 
 
-async def start_stack(arm: str, folder: Path, engine_url: str) -> tuple[support.Stack, str]:
-    """A fresh ``first up`` for one arm, ready to serve; and for ``on``, its key."""
-    stack = support.Stack(config_text(arm, engine_url, folder / "nats"), folder, name=f"auth-{arm}")
+async def start_stack(
+    arm: str, folder: Path, engine_url: str, globus: Globus | None
+) -> tuple[support.Stack, str]:
+    """A fresh ``first up`` for one arm, ready to serve; and for ``on`` its key, for ``globus`` the token."""
+    settings = globus_settings(globus.double, folder) if arm == "globus" else None
+    stack = support.Stack(config_text(arm, engine_url, folder / "nats", settings), folder, name=f"auth-{arm}")
     if arm == "off":
         return await stack.start(ready_models=[rp.MODEL], timeout=90), ""
-    await stack.start(timeout=90)  # answering (401s, for want of a key)
-    key = await _make_key(stack)
+    await stack.start(timeout=90)  # answering (401s, for want of a credential)
+    key = globus.token if arm == "globus" else await _make_key(stack)
 
     async def live() -> bool:
         headers = {"Authorization": f"Bearer {key}"}
@@ -91,7 +133,9 @@ async def start_stack(arm: str, folder: Path, engine_url: str) -> tuple[support.
         ):
             return r.status == 200 and any(m["status"] == "live" for m in (await r.json())["data"])
 
-    await support.eventually(live, timeout=90, interval=0.2, what=f"{rp.MODEL} to serve the key")
+    await support.eventually(
+        live, timeout=90, interval=0.2, what=f"{rp.MODEL} to serve the {arm} arm's credential"
+    )
     return stack, key
 
 
@@ -122,34 +166,57 @@ async def drive(url: str, key: str, clients: int, args, stack_pid: int, mock_pid
     return result
 
 
-async def one_arm(arm: str, folder: Path, engine_url: str, args, mock_pid: int) -> tuple[list, list]:
-    """A fresh stack for ``arm``, every row through it; and its log's nats_permission_violation lines."""
-    stack, key = await start_stack(arm, folder, engine_url)
+async def one_arm(
+    arm: str, folder: Path, engine_url: str, args, mock_pid: int, globus: Globus | None
+) -> tuple[list, list]:
+    """A fresh stack for ``arm``, every row through it; and its log's nats_permission_violation lines.
+    In ``globus`` each row has the double's introspections during it, and the progress line the
+    arm run's total (the stack's start included)."""
+    count = (lambda: globus.double.introspections) if arm == "globus" else (lambda: 0)
+    at_start = count()
+    stack, key = await start_stack(arm, folder, engine_url, globus)
     runs = []
     try:
         for clients in CLIENTS:
+            before = count()
             r = await drive(stack.base_url, key, clients, args, stack.proc.pid, mock_pid)
+            if arm == "globus":
+                r["introspections"] = count() - before
             runs.append({"arm": arm, "clients": clients, **r})
-            print(f"  {arm:<3} {clients:>2} clients {r['req_per_s']:7.0f} req/s p50 {r['latency_ms']['p50']:.3f}"
+            print(f"  {arm:<6} {clients:>2} clients {r['req_per_s']:7.0f} req/s p50 {r['latency_ms']['p50']:.3f}"
                   f" ms, stack CPU {r['cpu']['stack_ms_per_req']:.3f} ms/req", file=sys.stderr)  # fmt: skip
             if r["errors"] or not r["requests"]:
                 raise RuntimeError(f"{arm}: errors {r['errors_by_status']}\n{stack.log_tail(20)}")
     finally:
         await stack.stop()
+    if arm == "globus":
+        print(f"  globus: {count() - at_start} Globus introspections in this arm run (its start included),"
+              f" {sum(r['introspections'] for r in runs)} during its rows of"
+              f" {sum(r['requests'] for r in runs)} requests", file=sys.stderr)  # fmt: skip
     log = stack.log_path.read_text(errors="replace").splitlines()
     return runs, [line for line in log if "nats_permission_violation" in line]
 
 
+def order(arms: tuple[str, ...], n: int) -> tuple[str, ...]:
+    """Round ``n``'s order: the arms rotated by ``n``, so each goes first (and last) in turn."""
+    k = n % len(arms)
+    return arms[k:] + arms[:k]
+
+
 async def measure(args) -> tuple[list[dict], list[str]]:
-    """The arms alternate, off first in even rounds and on first in odd ones, against one mock."""
+    """The arms in turn, their order rotated each round, against one mock (and one Globus double)."""
     runs, violations = [], []
     mock_proc, engine_url = await rp.start_mock()
     try:
-        with tempfile.TemporaryDirectory(prefix="bench-auth-") as tmp:
+        async with contextlib.AsyncExitStack() as resources:
+            globus = None
+            if "globus" in args.arms:
+                globus = Globus(await resources.enter_async_context(GlobusDouble()))
+            tmp = resources.enter_context(tempfile.TemporaryDirectory(prefix="bench-auth-"))
             for n in range(args.rounds):
-                for arm in ARMS if n % 2 == 0 else ARMS[::-1]:
+                for arm in order(args.arms, n):
                     (folder := Path(tmp) / f"{arm}-{n}").mkdir()
-                    found, seen = await one_arm(arm, folder, engine_url, args, mock_proc.pid)
+                    found, seen = await one_arm(arm, folder, engine_url, args, mock_proc.pid, globus)
                     runs += [dict(r, round=n) for r in found]
                     violations += seen
     finally:
@@ -162,10 +229,11 @@ def _spread(values) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def summarise(runs: list[dict]) -> dict:
-    """Medians (and ranges) over the rounds, by arm and clients, and the two verdicts."""
+def summarise(runs: list[dict], arms: tuple[str, ...] = ARMS) -> dict:
+    """Medians (and ranges) over the rounds, by arm and clients, and each arm's two verdicts against
+    ``off`` (none without an ``off`` arm)."""
     rows = {}
-    for arm in ARMS:
+    for arm in arms:
         for clients in CLIENTS:
             mine = [r for r in runs if r["arm"] == arm and r["clients"] == clients]
             rows[f"{arm}/{clients}"] = {
@@ -177,17 +245,21 @@ def summarise(runs: list[dict]) -> dict:
                 "other_cores": _spread(r["cpu"]["other_cores"] for r in mine),
             }  # fmt: skip
     one, many = CLIENTS
-    added = rows[f"on/{one}"]["p50_ms"]["median"] - rows[f"off/{one}"]["p50_ms"]["median"]
-    ratio = rows[f"on/{many}"]["req_per_s"]["median"] / rows[f"off/{many}"]["req_per_s"]["median"]
     # The arms of one round run back to back: their ratio is the paired one, free of slow drifts.
     by_round: dict[int, dict[str, float]] = {}
     for r in runs:
         if r["clients"] == many:
             by_round.setdefault(r["round"], {})[r["arm"]] = r["req_per_s"]
-    paired = _spread(v["on"] / v["off"] for v in by_round.values() if len(v) == 2)
-    verdict = {"added_p50_ms_1": added, "added_p50_met": added <= TARGET_ADDED_P50_MS,
-               "req_per_s_ratio_64": ratio, "req_per_s_ratio_met": ratio >= TARGET_RATIO_64,
-               "req_per_s_ratio_64_paired": paired}  # fmt: skip
+    verdict = {}
+    for arm in arms if "off" in arms else ():
+        if arm == "off":
+            continue
+        added = rows[f"{arm}/{one}"]["p50_ms"]["median"] - rows[f"off/{one}"]["p50_ms"]["median"]
+        ratio = rows[f"{arm}/{many}"]["req_per_s"]["median"] / rows[f"off/{many}"]["req_per_s"]["median"]
+        paired = _spread(v[arm] / v["off"] for v in by_round.values() if arm in v and "off" in v)
+        verdict[arm] = {"added_p50_ms_1": added, "added_p50_met": added <= TARGET_ADDED_P50_MS,
+                        "req_per_s_ratio_64": ratio, "req_per_s_ratio_met": ratio >= TARGET_RATIO_64,
+                        "req_per_s_ratio_64_paired": paired}  # fmt: skip
     return {"rows": rows, "verdict": verdict}
 
 
@@ -199,30 +271,51 @@ def table(summary: dict, meta: dict) -> str:
         f"auth + limits + accounting, A/B: median (min-max) of {meta['rounds']} rounds per arm;"
         f" {meta['seconds']:g} s per row after {meta['warmup']:g} s of warm-up; {meta['cores']} cores shared;"
         " other load: cores the rest of the machine used meanwhile (noise)",
-        f"{'arm':<4} {'clients':>7} {'req/s':>17} {'p50 ms':>19} {'p99 ms':>7} {'stack CPU ms/req':>21} {'other load':>16}",
+        f"{'arm':<6} {'clients':>7} {'req/s':>17} {'p50 ms':>19} {'p99 ms':>7} {'stack CPU ms/req':>21} {'other load':>16}",
     ]
     for row in summary["rows"].values():
         out.append(
-            f"{row['arm']:<4} {row['clients']:>7} {cell(row['req_per_s'], '{:.0f}'):>17}"
+            f"{row['arm']:<6} {row['clients']:>7} {cell(row['req_per_s'], '{:.0f}'):>17}"
             f" {cell(row['p50_ms'], '{:.2f}'):>19} {row['p99_ms']['median']:7.2f}"
             f" {cell(row['stack_cpu_ms_per_req'], '{:.3f}'):>21} {cell(row['other_cores'], '{:.2f}'):>16}"
         )
-    v = summary["verdict"]
-    out += [
-        "",
-        f"added p50 at 1 client: {v['added_p50_ms_1']:+.3f} ms (target <= {TARGET_ADDED_P50_MS} ms)"
-        f" {'met' if v['added_p50_met'] else 'MISSED'}",
-        f"req/s at 64 clients: on/off = {v['req_per_s_ratio_64']:.3f} (target >= {TARGET_RATIO_64:.2f})"
-        f" {'met' if v['req_per_s_ratio_met'] else 'MISSED'}",
-        "  the same, round by round: median {median:.3f} (min {min:.3f}, max {max:.3f})".format(
-            **v["req_per_s_ratio_64_paired"]
-        ),
-    ]
+    out.append("")
+    if not summary["verdict"]:
+        out.append("no off arm: no targets (each is against off)")
+    for arm, v in summary["verdict"].items():
+        out += [
+            f"added p50 at 1 client, {arm}: {v['added_p50_ms_1']:+.3f} ms (target <= {TARGET_ADDED_P50_MS} ms)"
+            f" {'met' if v['added_p50_met'] else 'MISSED'}",
+            f"req/s at 64 clients: {arm}/off = {v['req_per_s_ratio_64']:.3f} (target >= {TARGET_RATIO_64:.2f})"
+            f" {'met' if v['req_per_s_ratio_met'] else 'MISSED'}",
+            "  the same, round by round: median {median:.3f} (min {min:.3f}, max {max:.3f})".format(
+                **v["req_per_s_ratio_64_paired"]
+            ),
+        ]
     return "\n".join(out)
 
 
+def introspections(runs: list[dict]) -> str:
+    """The ``globus`` arm's line: the double's introspections during its measured rows, by arm run.
+    Anything but 0 means the rows did not measure a cached token."""
+    mine = [r for r in runs if r["arm"] == "globus"]
+    by_round: dict[int, int] = {}
+    for r in mine:
+        by_round[r["round"]] = by_round.get(r["round"], 0) + r["introspections"]
+    cached = "a cached token" if not any(by_round.values()) else "NOT only a cached token"
+    return (f"globus: Globus introspections during the measured rows, by arm run:"
+            f" {', '.join(map(str, by_round.values()))} ({sum(r['requests'] for r in mine)} requests; {cached})")  # fmt: skip
+
+
+def arms_option(text: str) -> tuple[str, ...]:
+    named = [a.strip() for a in text.split(",") if a.strip()]
+    if not named or set(named) - set(ARMS):
+        raise argparse.ArgumentTypeError(f"a comma-separated list of {', '.join(ARMS)}")
+    return tuple(a for a in ARMS if a in named)  # in ARMS's order, each once
+
+
 async def _load(url: str, clients: int, seconds: float, warmup: float, key: str) -> None:
-    """The ``load`` child: bench.loadgen's run, with the key's header in its request."""
+    """The ``load`` child: bench.loadgen's run, with the key's (or token's) header in its request."""
     from bench import loadgen
 
     if key:  # the off arm sends none
@@ -249,14 +342,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="measured per row")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each row")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each arm, alternating")
+    parser.add_argument("--arms", type=arms_option, default=ARMS,
+                        help=f"the arms to run, comma-separated (default: {','.join(ARMS)})")  # fmt: skip
     parser.add_argument("--json", help="write every figure to this file")
     args = parser.parse_args()
     started = time.monotonic()
     runs, violations = asyncio.run(measure(args))
     meta = {"cores": os.cpu_count(), "seconds": args.seconds, "warmup": args.warmup,
-            "rounds": args.rounds, "wall_s": time.monotonic() - started, "python": sys.version.split()[0]}  # fmt: skip
-    summary = summarise(runs)
+            "rounds": args.rounds, "arms": list(args.arms), "wall_s": time.monotonic() - started,
+            "python": sys.version.split()[0]}  # fmt: skip
+    summary = summarise(runs, args.arms)
     print(table(summary, meta))
+    if "globus" in args.arms:
+        print(introspections(runs))
     if violations:
         print(f"\n{len(violations)} nats_permission_violation lines in the stacks' logs:")
         print("\n".join(violations[:20]))
