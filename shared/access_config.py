@@ -51,6 +51,9 @@ class AuthConfig(_Cfg):
     methods: list[Literal["none", "keys", "globus"]] = msgspec.field(default_factory=lambda: ["none"])
     globus: GlobusAuthConfig = msgspec.field(default_factory=GlobusAuthConfig)
     keys: KeysConfig = msgspec.field(default_factory=KeysConfig)
+    # Refused credentials (401) one client address may send in a minute; beyond it, new ones get
+    # 429 without being looked up (services/gateway/auth/failures.py). 0: no bound.
+    max_failures_per_min: NonNegInt = 60
 
 
 class LimitSet(_Cfg):

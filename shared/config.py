@@ -6,6 +6,7 @@ A typo or a bad value fails at start with msgspec's path to the field
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -82,6 +83,9 @@ class GatewayConfig(_Cfg):
     # charts, and how far back the charts reach (at most 4096 samples are kept).
     status_sample_s: Annotated[float, msgspec.Meta(ge=0.1, le=600)] = 5.0
     status_history_s: Annotated[float, msgspec.Meta(ge=1, le=86_400)] = 900.0
+    # Reverse proxies (addresses or networks) whose X-Forwarded-For names the client; empty: the
+    # connection's peer is the client (auth.max_failures_per_min counts by it).
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
 
 
 class RouterConfig(_Cfg):
@@ -382,6 +386,13 @@ def validate(config: Config) -> None:
         raise ValueError('$.auth.methods: "none" (an open deployment) cannot be combined with others')
     if not config.auth.methods:
         raise ValueError('$.auth.methods: name at least one of "none", "keys", "globus"')
+    for i, proxy in enumerate(config.gateway.trusted_proxies):
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ValueError(
+                f"$.gateway.trusted_proxies[{i}]: {proxy!r} is not an IP address or network"
+            ) from None
     ids = [name for m in config.models for name in (m.id, *m.aliases)]
     if len(set(ids)) != len(ids):
         raise ValueError("$.models: model ids and aliases must be unique, across all models")

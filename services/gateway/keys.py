@@ -19,6 +19,8 @@ NATS_CREDENTIALS = web.AppKey("nats_credentials", str)  # a seed or .creds file;
 NC = web.AppKey("nc", NATS)
 CLIENT = web.AppKey("client", FirstClient)
 AUTHENTICATORS = web.AppKey("authenticators", list)  # services.gateway.auth.base.Authenticator
+# services.gateway.auth.failures.FailureGuard (not imported: the auth package imports this module)
+AUTH_FAILURES = web.AppKey("auth_failures", object)
 LOCAL_ROUTER = web.AppKey("local_router", LocalRouter)  # only where a router runs in this process
 MAINTENANCE = web.AppKey("maintenance", MaintenanceFollower)  # clusters under maintenance
 EVENTS = web.AppKey("events", EventPublisher)  # this gateway's operator events

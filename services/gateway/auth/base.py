@@ -13,6 +13,10 @@ class Authenticator(Protocol):
     def claims(self, credential: str) -> bool:
         """Whether the credential is of this authenticator's kind (a cheap look at its form)."""
 
+    def known(self, credential: str) -> schema.Identity | None:
+        """The identity, if what the authenticator already holds vouches for the credential (no
+        call to anyone, no wait); None if it would have to look."""
+
     async def identify(self, credential: str) -> schema.Identity:
         """The identity behind the credential. Raises errors.Unauthorized (no such, expired,
         forged, revoked), errors.Forbidden (valid, but not allowed here) or errors.NoCapacity

@@ -5,7 +5,8 @@ A token's outcome is cached by the token's sha256: an identity until the token e
 ``cache_s``, whichever is sooner (the entry is kept to ``cache_s``, so that a token used past
 its expiry hears "Access token expired."); a refusal for ``failure_cache_s``. Globus being
 unreachable is not a refusal and is not cached. Requests that carry the same new token at once
-share one look-up. The token itself is never kept past the look-up, nor logged.
+share one look-up. The token itself is never kept past the look-up, nor logged. A string that
+cannot be a bearer token (failures.token_shaped) is refused without a look-up.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import structlog
 
 from services.gateway.auth import globus_identity
+from services.gateway.auth.failures import token_shaped
 from services.gateway.auth.globus_api import GlobusApi
 from services.gateway.auth.keys import PREFIX as KEY_PREFIX
 from services.gateway.auth.token_cache import TokenCache
@@ -31,6 +33,7 @@ from shared.config import ConfigError
 
 # Look-ups of different new tokens that may call Globus at once; more wait for a thread.
 THREADS = 16
+INACTIVE = "Token introspection: Token is either not active or invalid"  # FIRST's words
 
 _log = structlog.get_logger()
 
@@ -50,6 +53,13 @@ class GlobusAuthenticator:
 
     def claims(self, credential: str) -> bool:
         return not credential.startswith(KEY_PREFIX)
+
+    def known(self, credential: str) -> schema.Identity | None:
+        now = self._clock()
+        entry = self._identities.get(hashlib.sha256(credential.encode()).hexdigest(), now)
+        if entry is None or now >= entry[1]:
+            return None
+        return entry[0]
 
     async def start(self) -> None:
         if self._api is not None:
@@ -74,6 +84,8 @@ class GlobusAuthenticator:
             self._api = None
 
     async def identify(self, credential: str) -> schema.Identity:
+        if not token_shaped(credential):  # cannot be a token: Globus never hears of it
+            raise errors.Unauthorized(INACTIVE)
         key = hashlib.sha256(credential.encode()).hexdigest()
         identity = self._cached(key)
         if identity is not None:
@@ -130,7 +142,7 @@ class GlobusAuthenticator:
         """The identity behind the token, and when the token expires (unix seconds)."""
         introspection = await self._call(self._api_or_fail().introspect, token)
         if introspection.get("active") is not True:
-            raise errors.Unauthorized("Token introspection: Token is either not active or invalid")
+            raise errors.Unauthorized(INACTIVE)
         expires = introspection.get("exp")
         if not isinstance(expires, int | float) or isinstance(expires, bool):
             raise errors.Unauthorized("Token introspection: Globus gave the token no expiry.")

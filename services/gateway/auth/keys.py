@@ -78,8 +78,20 @@ class KeyAuthenticator:
     def claims(self, credential: str) -> bool:
         return credential.startswith(PREFIX)
 
+    def known(self, credential: str) -> schema.Identity | None:
+        # Keys are checked here, not by asking anyone: a valid one is known good.
+        if self._keys is None:
+            return None
+        try:
+            return self._check(self._keys, credential)
+        except errors.Unauthorized:
+            return None
+
     async def identify(self, credential: str) -> schema.Identity:
         keys = self._keys if self._keys is not None else await self._wait_loaded()
+        return self._check(keys, credential)
+
+    def _check(self, keys: dict[str, _Key], credential: str) -> schema.Identity:
         verified = self._verified.get(credential)
         if verified is not None and keys.get(verified[0]) is verified[1]:
             known, key_id = verified[1], verified[0]  # its entry has not changed since
