@@ -229,8 +229,10 @@ def service_roles(config: cfg.Config) -> list[Role]:
                 s.reply_all,
                 s.demand,
                 s.router_heartbeat_all,
+                s.limits,  # NATS-native callers' counts (services/router/native_limits.py)
                 s.events_of("request"),
                 s.events_of("config"),
+                s.events_of("limit"),
                 *usage_keeper,
                 *events_keeper,
                 *clusters_reader,
@@ -245,6 +247,8 @@ def service_roles(config: cfg.Config) -> list[Role]:
                 s.router_all,
                 s.demand,
                 s.node_events,
+                s.limits,  # every gateway's and router's counts
+                s.usage,  # NATS-native callers' tokens, in the routers' queue group
                 *_discoverable(s, ROUTER_SERVICE),
             ],
             allow_responses=True,  # status and discovery answers go to the asker's inbox

@@ -6,8 +6,8 @@ answers and Demand, and housekeeping. Elsewhere in the package, a module per con
 handover.py sends a request to a worker and settles the dispatch (the worker's answer, "no
 responders", the time-out); dispatch.py is the book of dispatches on their way; holding.py the
 held requests' queues and which goes next; registry.py the workers and the routing choice;
-affinity.py session affinity; callers.py NATS-native callers; status.py a model's live status;
-request_events.py the events for operators.
+affinity.py session affinity; callers.py NATS-native callers, native_limits.py their limits;
+status.py a model's live status; request_events.py the events for operators.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from services.router.cluster_access import ClusterAccess
 from services.router.dispatch import Dispatches
 from services.router.handover import Handover
 from services.router.holding import Held, Queues
+from services.router.native_limits import NativeLimits
 from services.router.registry import Registry
 from services.router.request_events import RequestEvents
 from services.router.status import ClusterView
@@ -68,6 +69,7 @@ class Router(Lifecycle):
         self.maintenance = clusterstate.MaintenanceFollower(nc, config, self._maintenance_changed)
         self.access = ClusterAccess(config, self.registry, self.maintenance)
         self.request_events = RequestEvents(events.EventPublisher(nc, subjects, self.router_id))
+        self.native_limits = NativeLimits(nc, subjects, config, self.request_events.events)
         self.handover = Handover(
             nc, subjects, self.router_id, registry=self.registry, sessions=self.sessions,
             dispatches=self.dispatches, held=self.held, hand_back=functools.partial(self._hold, front=True),
@@ -104,6 +106,7 @@ class Router(Lifecycle):
         ]
         self._task = asyncio.create_task(every(_TICK_S, self._housekeeping, name="router"), name="router")
         await self.maintenance.start()
+        await self.native_limits.start()
         await self.request_events.events.emit("config", "loaded", models=list(self.queues))
         await self.discovery.start()
         self._log.info("router_started", models=list(self.queues))
@@ -116,6 +119,7 @@ class Router(Lifecycle):
         await self.discovery.stop()
         await unsubscribe(self._infer_subs)
         await self.maintenance.stop()
+        await self.native_limits.stop()
         for (model, cluster), queue in self.held.all():
             while (held := queue.pop()) is not None:
                 await self._retry(held.request, "the router is shutting down")
@@ -156,6 +160,7 @@ class Router(Lifecycle):
         if user:  # a NATS-native caller: it is who its subject says, and answers go to it only
             try:
                 request, data = callers.admit(request, user, self.subjects, self.config)
+                self.native_limits.admit(request)  # over a limit: RateLimited, below
             except callers.Refused as exc:
                 if self._bad_input(msg.subject):
                     self._log.warning("request_refused", user=user, reason=str(exc))
