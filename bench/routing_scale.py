@@ -161,7 +161,7 @@ async def bench_router(free: int, seconds: float, requests: int, *, linear: bool
         router_nc, nc = await nats.connect(server.url), await nats.connect(server.url)
         router = Router(router_nc, s, router_config())
         if linear:  # the choice as before, to compare on the same machine
-            router.registry.pick = lambda model, exclude=frozenset(): linear_pick(router.registry, model)
+            router.registry.pick = lambda model, exclude=frozenset(), **_: linear_pick(router.registry, model)
         arrived: asyncio.Queue[float] = asyncio.Queue()
 
         async def fake_worker(msg) -> None:  # takes every dispatch and stays free
