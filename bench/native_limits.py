@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import msgspec
 import nats
 
+from bench.limiter import BIG  # five limits so high that none refuses
 from services.router.native_limits import NativeLimits
 from shared import config as cfg
 from shared import schema
@@ -30,12 +31,6 @@ from shared.events import EventPublisher
 from shared.natsserver import EmbeddedNats
 from shared.subjects import ROUTERS_QUEUE, Subjects
 
-BIG = {
-    "requests_per_s": 1e9,
-    "model_requests_per_s": 1e9,
-    "tokens_per_min": 10**12,
-    "model_tokens_per_min": 10**12,
-}
 CONFIG = msgspec.convert(
     {
         "clusters": [{"name": "c"}],
