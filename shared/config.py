@@ -386,6 +386,8 @@ def validate(config: Config) -> None:
         raise ValueError('$.auth.methods: "none" (an open deployment) cannot be combined with others')
     if not config.auth.methods:
         raise ValueError('$.auth.methods: name at least one of "none", "keys", "globus"')
+    if len(set(config.auth.methods)) < len(config.auth.methods):
+        raise ValueError(f"$.auth.methods: each method once, not {config.auth.methods}")
     for i, proxy in enumerate(config.gateway.trusted_proxies):
         try:
             ipaddress.ip_network(proxy, strict=False)

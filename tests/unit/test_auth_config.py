@@ -41,6 +41,11 @@ def test_an_unknown_method_is_refused_naming_the_field(tmp_path):
     assert "ldap" in message and "$.auth.methods[1]" in message
 
 
+def test_a_method_named_twice_is_refused_naming_the_field(tmp_path):
+    message = load_error(tmp_path, '["keys", "globus", "keys"]')
+    assert message.endswith("$.auth.methods: each method once, not ['keys', 'globus', 'keys']")
+
+
 def test_keys_and_globus_together_are_accepted(tmp_path):
     assert load(tmp_path, '["keys", "globus"]').auth.methods == ["keys", "globus"]
 
