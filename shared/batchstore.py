@@ -30,7 +30,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from shared import config as cfg
-from shared import schema
+from shared import kvbucket, schema
 from shared.replicas import bring_in_line, create_store
 from shared.subjects import Subjects
 
@@ -292,26 +292,11 @@ class Batches:
     async def open(cls, nc: NATS, config: cfg.Config) -> Batches:
         js = nc.jetstream(timeout=API_TIMEOUT_S)
         bucket = batches_bucket(config)
-        replicas = config.nats.jetstream_replicas
         try:
-            try:
-                kv = await js.key_value(bucket)
-                await bring_in_line(js, f"KV_{bucket}", replicas, store=f"KV bucket {bucket}")
-            except nats.js.errors.BucketNotFoundError:
-                kv = await create_store(
-                    lambda n: js.create_key_value(
-                        api.KeyValueConfig(
-                            bucket=bucket,
-                            description="FIRST batches",
-                            history=1,
-                            ttl=config.batch.retention_days * DAY_S,
-                            storage=api.StorageType.FILE,
-                            replicas=n,
-                        )
-                    ),
-                    replicas,
-                    store=f"KV bucket {bucket}",
-                )
+            kv = await kvbucket.open_bucket(
+                js, bucket, create=True, description="FIRST batches",
+                replicas=config.nats.jetstream_replicas, ttl=config.batch.retention_days * DAY_S,
+            )  # fmt: skip
         except (nats.js.errors.Error, nats.errors.Error) as exc:
             raise StoreError(f"KV bucket {bucket}: {_why(exc)}") from None
         return cls(kv)

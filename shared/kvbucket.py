@@ -18,10 +18,10 @@ _STRAGGLER_S = 0.25
 
 
 async def open_bucket(
-    js: JetStreamContext, bucket: str, *, create: bool, description: str, replicas: int = 0
+    js: JetStreamContext, bucket: str, *, create: bool, description: str, replicas: int = 0, ttl: float = 0.0
 ) -> KeyValue | None:
     """The bucket; if missing, created (``create``: one revision per key, on file, ``replicas``
-    copies, 0 meaning 1) or None. Two processes that create it at once both succeed: JetStream
+    copies, 0 meaning 1, entries kept ``ttl`` seconds, 0 meaning for ever) or None. Two processes that create it at once both succeed: JetStream
     accepts a second creation with the same configuration. With ``create`` and ``replicas``, an
     existing bucket's copies are brought in line (shared/replicas.py: a warning where they cannot)."""
     try:
@@ -36,7 +36,12 @@ async def open_bucket(
     return await create_store(
         lambda n: js.create_key_value(
             api.KeyValueConfig(
-                bucket=bucket, description=description, history=1, storage=api.StorageType.FILE, replicas=n
+                bucket=bucket,
+                description=description,
+                history=1,
+                storage=api.StorageType.FILE,
+                replicas=n,
+                ttl=ttl or None,
             )
         ),
         replicas or 1,
